@@ -1,0 +1,1 @@
+"""Modality plug-ins (installed as ``xmodal.modalities``): one flat module per modality."""

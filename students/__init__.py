@@ -1,0 +1,1 @@
+"""Student models (installed as ``xmodal.students``)."""

@@ -1,0 +1,115 @@
+"""A CLIP-style dual encoder built from an open_clip model config, with its own tokenizer and normalisation.
+
+It is used both as a student and, once trained, as a teacher: :func:`save_open_clip_dir` writes the
+``open_clip_config.json`` + ``open_clip_model.safetensors`` folder that
+``open_clip.create_model("local-dir:<folder>")`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from xmodal.contracts import Batch, Outputs
+from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD, ImageNormalize
+from xmodal.modalities.text import load_tokenizer, vocab_size
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+class CLIPStudent(nn.Module):
+    """open_clip ``CLIP`` from config dicts; outputs ``image.emb``, ``text.emb`` (L2-normalised) and ``logit_scale``.
+
+    Args:
+        embed_dim: joint embedding size.
+        vision_cfg: open_clip ``CLIPVisionCfg`` fields (``image_size``, ``patch_size``, ``width``, ``layers``...).
+        text_cfg: open_clip ``CLIPTextCfg`` fields. ``vocab_size`` is filled in from the tokenizer when absent.
+        tokenizer: a tokenizer folder or an open_clip model name (see :mod:`xmodal.modalities.text`).
+        mean: per-channel normalisation mean. std: per-channel normalisation std.
+        init_logit_scale: initial value of ``log(1 / temperature)``.
+    """
+
+    output_keys = ("image.emb", "text.emb", "logit_scale")
+
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_cfg: dict[str, Any],
+        text_cfg: dict[str, Any],
+        tokenizer: str = "ViT-B-32",
+        mean: tuple[float, float, float] = OPENAI_MEAN,
+        std: tuple[float, float, float] = OPENAI_STD,
+        init_logit_scale: float = 2.659260036932778,
+    ) -> None:
+        super().__init__()
+        self.init_args = {"embed_dim": embed_dim, "vision_cfg": dict(vision_cfg), "text_cfg": dict(text_cfg),
+                          "tokenizer": tokenizer, "mean": list(mean), "std": list(std),
+                          "init_logit_scale": init_logit_scale}
+        text_cfg = dict(text_cfg)
+        text_cfg.setdefault("vocab_size", vocab_size(tokenizer))
+        self.model_cfg = {"embed_dim": embed_dim, "vision_cfg": dict(vision_cfg), "text_cfg": text_cfg}
+        self.tokenizer_name = tokenizer
+        self.model = open_clip.CLIP(
+            embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_scale=init_logit_scale
+        )
+        self.tokenizer = load_tokenizer(tokenizer, text_cfg.get("context_length", 77))
+        self.normalize = ImageNormalize(vision_cfg["image_size"], mean, std)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """float ``B x 3 x H x W`` in [0, 1] (or uint8) -> L2-normalised ``B x embed_dim``."""
+        return F.normalize(self.model.encode_image(self.normalize(images)), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        """``B`` strings -> L2-normalised ``B x embed_dim``."""
+        tokens = self.tokenizer(captions).to(self.model.logit_scale.device, non_blocking=True)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def forward(self, batch: Batch) -> Outputs:
+        out: Outputs = {"logit_scale": self.model.logit_scale.exp()}
+        if "image" in batch:
+            out["image.emb"] = self.encode_image(batch["image"])
+        if "caption" in batch:
+            out["text.emb"] = self.encode_text(batch["caption"])
+        return out
+
+    def open_clip_config(self) -> dict[str, Any]:
+        """The ``open_clip_config.json`` content: model config plus preprocessing."""
+        model_cfg = copy.deepcopy(self.model_cfg)
+        if Path(self.tokenizer_name).is_dir():
+            model_cfg["text_cfg"]["hf_tokenizer_name"] = "."
+            model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize"}  # as load_tokenizer does
+        preprocess = {
+            "mean": self.normalize.mean.flatten().tolist(),
+            "std": self.normalize.std.flatten().tolist(),
+            "image_size": self.normalize.size,
+        }
+        return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
+def save_open_clip_dir(student: CLIPStudent, out_dir: str | Path) -> Path:
+    """Write ``student`` as a folder that ``open_clip.create_model("local-dir:...")`` loads, tokenizer included."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(student.open_clip_config(), indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in student.model.state_dict().items()}
+    save_file(state, str(out / OPEN_CLIP_WEIGHTS))
+    tokenizer_dir = Path(student.tokenizer_name)
+    if tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def to_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype

@@ -1,0 +1,1 @@
+"""Frozen teacher wrappers (installed as ``xmodal.teachers``)."""

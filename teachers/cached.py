@@ -1,0 +1,73 @@
+"""A teacher that reads its outputs from the batch, where ``xmodal cache`` stored them in the shards.
+
+Shards written by ``xmodal cache`` carry ``teacher.<output key>.npy`` fields (float16) and sit beside a
+``manifest.json`` that identifies the teacher (name, weights hash, preprocessing, output keys, dtype). The
+data module decodes those fields into ``batch["teacher/<output key>"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmodal.contracts import CACHE_PREFIX, Batch, Outputs, Teacher
+
+MANIFEST = "manifest.json"
+IDENTITY_FIELDS = ("teacher", "model_name", "pretrained", "weights_sha256", "preprocess", "output_keys")
+
+
+class CacheMismatchError(ValueError):
+    """The cache was written by another teacher (or with other preprocessing) than the one configured."""
+
+
+class CachedTeacher(nn.Module, Teacher):
+    """Serve pre-computed teacher outputs, after checking the cache manifest against the configured teacher.
+
+    Args:
+        manifest: path to the cache's ``manifest.json`` (or the folder holding it).
+        teacher: the teacher the cache must come from. It is used only to compare manifests, then dropped,
+            so it never runs during training. ``None`` skips the check (the manifest is still required).
+    """
+
+    def __init__(self, manifest: str, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        path = Path(manifest)
+        self.manifest_path = path / MANIFEST if path.is_dir() else path
+        if not self.manifest_path.is_file():
+            raise FileNotFoundError(f"teacher cache manifest not found: {self.manifest_path}")
+        self.cache_manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        if teacher is not None:
+            if not isinstance(teacher, Teacher):
+                raise TypeError(f"{type(teacher).__name__} is not a Teacher: it has no manifest() to compare")
+            check_manifest(self.cache_manifest["teacher_manifest"], teacher.manifest(), self.manifest_path)
+        self.output_keys = tuple(self.cache_manifest["teacher_manifest"]["output_keys"])
+        self.constants: dict[str, float] = dict(self.cache_manifest.get("constants", {}))
+
+    def forward(self, batch: Batch) -> Outputs:
+        missing = [k for k in self.output_keys if k not in self.constants and CACHE_PREFIX + k not in batch]
+        if missing:
+            raise KeyError(f"batch has no cached teacher outputs {missing}; train on the shards `xmodal cache` wrote")
+        outputs = {k: batch[CACHE_PREFIX + k].float() for k in self.output_keys if k not in self.constants}
+        device = next(iter(outputs.values())).device if outputs else None
+        outputs.update({k: torch.tensor(v, device=device) for k, v in self.constants.items()})
+        return outputs
+
+    def manifest(self) -> dict[str, Any]:
+        return dict(self.cache_manifest["teacher_manifest"])
+
+
+def check_manifest(cached: dict[str, Any], live: dict[str, Any], where: Path | str) -> None:
+    """Raise :class:`CacheMismatchError` naming every identity field that differs."""
+    diffs = [f"{k}: cache={cached.get(k)!r} configured={live.get(k)!r}" for k in IDENTITY_FIELDS
+             if _normal(cached.get(k)) != _normal(live.get(k))]
+    if diffs:
+        listing = "\n  ".join(diffs)
+        raise CacheMismatchError(f"teacher cache {where} does not match the configured teacher:\n  {listing}")
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value))

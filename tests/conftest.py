@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny offline corpora written once per session, tiny model configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TINY_VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
+TINY_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1, "pool_type": "eos", "eos_id": 3, "pad_id": 0}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``shapes`` corpus: 64 train / 32 val / 32 test samples at 16 px, 2 shards per split."""
+    from xmodal.data.corpora import make_corpus
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    make_corpus("shapes", out, seed=0, image_size=16, n_train=64, n_val=32, n_test=32, shard_size=32, progress=False)
+    return out
+
+
+def tiny_clip_args(tokenizer: str | Path, embed_dim: int = 16) -> dict[str, Any]:
+    return {"embed_dim": embed_dim, "vision_cfg": dict(TINY_VISION), "text_cfg": dict(TINY_TEXT),
+            "tokenizer": str(tokenizer)}

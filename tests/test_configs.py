@@ -1,0 +1,103 @@
+"""Every config parses; every tiny config trains through fast_dev_run; the teacher cache matches the live teacher."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_clip_args
+from xmodal.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "cache" not in p.parts)
+TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A working directory holding what the tiny configs point at, built the way a user would build it."""
+    from xmodal.data.corpora import make_corpus
+    from xmodal.students.clip import CLIPStudent, save_open_clip_dir
+
+    work = tmp_path_factory.mktemp("workspace")
+    previous = Path.cwd()
+    os.chdir(work)
+    try:
+        make_corpus("shapes", "runs/data/shapes-tiny", image_size=16, n_train=48, n_val=16, n_test=16, shard_size=24,
+                    progress=False)
+        torch.manual_seed(0)
+        save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), "runs/tiny/clip_teacher")
+        main(["cache", "--config", str(ROOT / "configs/tiny/cache/clip.yaml")])
+        extra_builders(work)
+        yield work
+    finally:
+        os.chdir(previous)
+
+
+def extra_builders(work: Path) -> None:
+    """Data for the cross-modal tiny pair (audio teacher -> video student)."""
+    try:
+        from xmodal.data.corpora import make_corpus
+
+        make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4)
+    except (ValueError, ImportError):
+        pass
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: xmodal.students." in printed
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: p.stem)
+def test_tiny_config_fast_dev_run(config: Path, workspace: Path) -> None:
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
+
+
+def test_cached_teacher_gives_the_live_loss(workspace: Path) -> None:
+    from xmodal.data.wds import make_pipeline, prepare_on_device
+    from xmodal.distiller import Distiller
+    from xmodal.losses import FeatureCosineLoss, FeatureMSELoss
+    from xmodal.modalities.image import ImageModality
+    from xmodal.modalities.text import TextModality
+    from xmodal.students.clip import CLIPStudent
+    from xmodal.teachers.cached import CachedTeacher
+    from xmodal.teachers.open_clip import OpenCLIPTeacher
+
+    modalities = [ImageModality(16), TextModality()]
+    live = OpenCLIPTeacher("local-dir:runs/tiny/clip_teacher")
+    cached = CachedTeacher("runs/tiny/clip_cache/manifest.json", teacher=live)
+    torch.manual_seed(3)
+    student = CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer"))
+    losses = [FeatureCosineLoss("image.emb", "image.emb"), FeatureMSELoss("text.emb", "text.emb")]
+    by_live = Distiller(student, losses, teacher=live)
+    by_cache = Distiller(student, losses, teacher=cached)
+    raw = make_pipeline("runs/data/shapes-tiny/train-*.tar", modalities, 16, train=False)
+    from_cache = make_pipeline("runs/tiny/clip_cache/train-*.tar", modalities, 16, train=False)
+    compared = 0
+    for batch, cached_batch in zip(raw, from_cache, strict=True):
+        assert batch["__key__"] == cached_batch["__key__"]
+        live_total, _ = by_live.compute_losses(prepare_on_device(batch, modalities, train=False))
+        cache_total, _ = by_cache.compute_losses(prepare_on_device(cached_batch, modalities, train=False))
+        assert cache_total.item() == pytest.approx(live_total.item(), rel=2e-3, abs=1e-4)
+        compared += 1
+    assert compared == 3
+
+
+def test_cache_refuses_another_teacher(workspace: Path, tmp_path: Path) -> None:
+    from xmodal.students.clip import CLIPStudent, save_open_clip_dir
+    from xmodal.teachers.cached import CacheMismatchError, CachedTeacher
+    from xmodal.teachers.open_clip import OpenCLIPTeacher
+
+    torch.manual_seed(99)
+    other = save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), tmp_path / "other")
+    with pytest.raises(CacheMismatchError, match="weights_sha256"):
+        CachedTeacher("runs/tiny/clip_cache", teacher=OpenCLIPTeacher(f"local-dir:{other}"))

@@ -1,0 +1,75 @@
+"""The foundation's losses against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from xmodal.losses import CLIPContrastiveLoss, FeatureCosineLoss, FeatureMSELoss, KLDivLoss
+
+
+def test_kl_matches_hand_computation() -> None:
+    s = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [1/4, 3/4]
+    t = torch.tensor([[0.0, 0.0]])  # softmax = [1/2, 1/2]
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    loss = KLDivLoss("a.logits", "a.logits")(s, t, {})
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_temperature_scales_logits_and_multiplies_by_t_squared() -> None:
+    s = torch.tensor([[0.0, 2 * math.log(3.0)]])  # /T=2 -> [1/4, 3/4]
+    t = torch.tensor([[0.0, 0.0]])
+    expected = 4 * (0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
+    loss = KLDivLoss("a.logits", "a.logits", temperature=2.0)(s, t, {})
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_is_zero_for_identical_logits() -> None:
+    z = torch.randn(4, 7)
+    assert KLDivLoss("k", "k", temperature=3.0)(z, z.clone(), {}).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_mse_by_hand() -> None:
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t = torch.tensor([[0.0, 2.0], [3.0, 2.0]])
+    # squared errors 1, 0, 0, 4 -> mean 5/4
+    assert FeatureMSELoss("f", "f")(s, t, {}).item() == pytest.approx(1.25)
+
+
+def test_feature_cosine_by_hand() -> None:
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    # cosines 0 and 1 -> mean(1 - cos) = 0.5
+    assert FeatureCosineLoss("f", "f")(s, t, {}).item() == pytest.approx(0.5)
+
+
+def test_feature_loss_projects_when_widths_differ_and_explains_mismatch() -> None:
+    loss = FeatureMSELoss("f", "f", student_dim=3, teacher_dim=5)
+    out = loss(torch.randn(2, 3), torch.randn(2, 5), {})
+    out.backward()
+    assert loss.projector.weight.grad is not None
+    with pytest.raises(ValueError, match="student_dim and teacher_dim"):
+        FeatureMSELoss("f", "f")(torch.randn(2, 3), torch.randn(2, 5), {})
+
+
+def test_clip_contrastive_by_hand() -> None:
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [math.sqrt(0.5), math.sqrt(0.5)]])
+    scale = torch.tensor(2.0)
+    # logits = 2 * I T^T = [[2, 2c], [0, 2c]] with c = sqrt(.5)
+    c = math.sqrt(0.5)
+    lse = lambda a, b: math.log(math.exp(a) + math.exp(b))  # noqa: E731
+    rows = (lse(2, 2 * c) - 2) + (lse(0, 2 * c) - 2 * c)
+    cols = (lse(2, 0) - 2) + (lse(2 * c, 2 * c) - 2 * c)
+    expected = (rows / 2 + cols / 2) / 2
+    loss = CLIPContrastiveLoss()((image, text, scale), None, {})
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_loss_names_default_and_select_reports_missing_keys() -> None:
+    loss = KLDivLoss("audio.logits", "audio.logits")
+    assert loss.name == "kl"
+    assert FeatureMSELoss("x", "x").name == "feature_mse"
+    assert FeatureCosineLoss("x", "x", name="img_cos").name == "img_cos"
+    with pytest.raises(KeyError, match="audio.logits"):
+        loss.select({"video.logits": torch.zeros(1)}, {"audio.logits": torch.zeros(1)})

@@ -1,0 +1,158 @@
+"""The conventions every xmodal component follows.
+
+Batches
+    A batch is a flat ``dict[str, Any]`` keyed by field: ``image`` (uint8 ``B x 3 x H x W`` until the
+    device-side transform turns it into float in [0, 1]), ``caption`` (``list[str]``; every model tokenizes
+    with its own tokenizer), ``audio`` (``B x S`` waveform, int16 on the wire) with ``audio_lengths``,
+    ``video`` (uint8 ``B x T x C x H x W``) with ``video_lengths``, ``lidar`` (``B x N x 4``) with
+    ``lidar_counts``, ``camera`` with ``intrinsics``/``extrinsics``, ``boxes``, ``label``, ``transcript``...
+    Cached teacher outputs ride along under ``teacher/<output key>`` (float16 on the wire).
+
+Outputs
+    Models return flat ``dict[str, Tensor]`` keyed ``<modality>.<kind>``: ``image.emb``, ``text.emb``,
+    ``audio.feat``, ``video.feat``, ``bev.heatmap``... Teacher and student use the same keys, so pairing a
+    teacher output with a student output is only naming. ``logit_scale`` is the one key without a modality.
+
+Teachers
+    Frozen, ``eval()`` forever, run under ``torch.no_grad``, and do their own preprocessing (tokenizer,
+    normalisation, resolution, sample rate). They are never saved in student checkpoints.
+
+Losses
+    A :class:`DistillLoss` reads ``student_key`` from the student's outputs and ``teacher_key`` from the
+    teacher's outputs (either may be a list of keys), and is weighted by ``weight`` and logged as ``name``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+Batch = dict[str, Any]
+Outputs = dict[str, Tensor]
+Keys = str | Sequence[str]
+
+CACHE_PREFIX = "teacher/"
+
+
+@runtime_checkable
+class Modality(Protocol):
+    """A modality plug-in: how samples of one kind are decoded, batched and prepared on the device.
+
+    ``decode`` runs in data-loader workers on one raw WebDataset sample (``{extension: bytes}``) and returns
+    compact tensors; ``collate`` stacks decoded items; ``on_device`` runs after the host-to-device copy and
+    does the float conversion and augmentation. Encoders ("towers") and alignment heads that consume the
+    modality live in the same module.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+
+    def decode(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def collate(self, items: Sequence[Mapping[str, Any]]) -> Batch: ...
+
+    def on_device(self, batch: Batch, train: bool) -> Batch: ...
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A frozen model that maps a batch to outputs. See the module docstring for the rules."""
+
+    output_keys: tuple[str, ...]
+
+    def __call__(self, batch: Batch) -> Outputs: ...
+
+    def manifest(self) -> dict[str, Any]:
+        """Identity of the teacher for cache checks: name, weights hash, preprocessing, output keys."""
+        ...
+
+
+@runtime_checkable
+class Student(Protocol):
+    """A trainable model that maps a batch to outputs and says which keys it produces."""
+
+    output_keys: tuple[str, ...]
+
+    def __call__(self, batch: Batch) -> Outputs: ...
+
+
+class DistillLoss(nn.Module):
+    """Base of every loss: picks its inputs by key, and carries its weight and name.
+
+    Subclasses implement ``forward(s, t, batch)`` where ``s``/``t`` are a tensor (one key) or a tuple of
+    tensors (a list of keys), and ``t`` is ``None`` when ``teacher_key`` is ``None`` (a student-only term
+    such as the student's own contrastive loss).
+
+    Args:
+        student_key: output key(s) read from the student.
+        teacher_key: output key(s) read from the teacher, or ``None``.
+        weight: multiplier in the total loss.
+        name: name under which the term is logged; defaults to the class name in snake case.
+    """
+
+    def __init__(
+        self, student_key: Keys, teacher_key: Keys | None = None, weight: float = 1.0, name: str | None = None
+    ) -> None:
+        super().__init__()
+        self.student_key = student_key
+        self.teacher_key = teacher_key
+        self.weight = weight
+        self.name = name or _snake(type(self).__name__)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_key is not None
+
+    def select(self, student_out: Outputs, teacher_out: Outputs | None) -> tuple[Any, Any]:
+        s = _pick(student_out, self.student_key, "student", self.name)
+        t = None
+        if self.teacher_key is not None:
+            if teacher_out is None:
+                raise ValueError(f"loss {self.name!r} reads teacher key {self.teacher_key!r} but there is no teacher")
+            t = _pick(teacher_out, self.teacher_key, "teacher", self.name)
+        return s, t
+
+    def forward(self, s: Any, t: Any, batch: Batch) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def key_list(keys: Keys | None) -> list[str]:
+    if keys is None:
+        return []
+    return [keys] if isinstance(keys, str) else list(keys)
+
+
+def _pick(outputs: Outputs, keys: Keys, who: str, loss_name: str) -> Any:
+    missing = [k for k in key_list(keys) if k not in outputs]
+    if missing:
+        raise KeyError(f"loss {loss_name!r}: {who} produced no {missing}; it produces {sorted(outputs)}")
+    if isinstance(keys, str):
+        return outputs[keys]
+    return tuple(outputs[k] for k in keys)
+
+
+def _snake(name: str) -> str:
+    """``FeatureMSELoss`` -> ``feature_mse``: snake case, acronyms kept whole, ``Loss`` suffix dropped."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+    return words.removesuffix("_loss")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients and put the module in eval mode."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def to_float_image(x: Tensor) -> Tensor:
+    """uint8 images in [0, 255] to float in [0, 1]; float input is returned unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x

@@ -1,0 +1,62 @@
+"""Decoding of the fields every recipe shares (labels, arrays, cached teacher outputs) and batch collation.
+
+Modality-specific decoding (images, audio, video, LiDAR) lives in the modality plug-ins; this module turns
+a raw WebDataset sample (``{"__key__": str, "<ext>": bytes}``) into one decoded item by asking each
+modality, then adds the generic fields.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal.contracts import CACHE_PREFIX, Batch, Modality
+
+CACHE_FIELD_PREFIX = "teacher."
+
+
+def decode_npy(data: bytes) -> torch.Tensor:
+    """``.npy`` bytes to a tensor (no pickles: object arrays are refused)."""
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())
+
+
+def decode_json(data: bytes | str) -> Any:
+    return json.loads(data)
+
+
+def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> dict[str, Any]:
+    """One raw sample -> decoded item: each modality's fields, ``label`` (from ``json``) and cached teacher outputs.
+
+    Cached outputs are stored as ``teacher.<output key>.npy`` and come back as ``teacher/<output key>``.
+    """
+    item: dict[str, Any] = {"__key__": sample.get("__key__", "")}
+    for modality in modalities:
+        item.update(modality.decode(sample))
+    if "json" in sample:
+        meta = decode_json(sample["json"])
+        if isinstance(meta, dict) and "label" in meta:
+            item["label"] = int(meta["label"])
+    for field, data in sample.items():
+        if field.startswith(CACHE_FIELD_PREFIX) and field.endswith(".npy"):
+            key = field[len(CACHE_FIELD_PREFIX):-len(".npy")]
+            item[CACHE_PREFIX + key] = decode_npy(data)
+    return item
+
+
+def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modality]) -> Batch:
+    """Decoded items -> a flat batch: modality fields by their plug-in, then labels, keys and cached outputs."""
+    batch: Batch = {}
+    for modality in modalities:
+        batch.update(modality.collate(items))
+    batch["__key__"] = [item["__key__"] for item in items]
+    if all("label" in item for item in items):
+        batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    for key in items[0]:
+        if key.startswith(CACHE_PREFIX):
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch

@@ -1,0 +1,186 @@
+"""WebDataset streaming for training: shards split by node and worker, decode in workers, compact batches.
+
+Workers only decode and collate (uint8 pixels, int16 audio, float16 cached outputs). Batches travel pinned
+and non-blocking; :meth:`WdsDataModule.on_after_batch_transfer` then runs each modality's device-side
+transform (float conversion, augmentation), so the same code feeds a GPU from few cores and runs on a CPU.
+Corrupt samples are skipped and counted; the :class:`~xmodal.distiller.Distiller` logs the count per epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import braceexpand
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from xmodal.contracts import Batch, Modality
+from xmodal.data.decoders import collate_items, decode_sample
+
+log = logging.getLogger(__name__)
+SKIPPED = "__skipped__"
+REMOTE = re.compile(r"^(pipe:|https?://|s3://|gs://)")
+
+Shards = str | Sequence[str]
+
+
+def expand_shards(shards: Shards) -> list[str]:
+    """Brace-expand and glob shard patterns; raise naming the pattern when a local one matches nothing."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand.braceexpand(pattern):
+            if REMOTE.match(url):
+                urls.append(url)
+                continue
+            matches = sorted(glob.glob(url))
+            if not matches:
+                raise FileNotFoundError(f"shard pattern {pattern!r} matches no file ({url!r} is missing)")
+            urls.extend(matches)
+    return urls
+
+
+class SampleBatcher:
+    """Pipeline stage run in each worker: decode samples, skip and count failures, emit collated batches.
+
+    Every batch carries ``__skipped__``: how many samples this worker skipped since its previous batch.
+    """
+
+    def __init__(self, modalities: Sequence[Modality], batch_size: int, drop_last: bool) -> None:
+        self.modalities = list(modalities)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[Batch]:
+        items: list[dict[str, Any]] = []
+        skipped = 0
+        pending: Batch | None = None  # held back one step so skips at the end still reach a batch
+        for sample in samples:
+            try:
+                items.append(decode_sample(sample, self.modalities))
+            except Exception as error:  # any decoder failure means a corrupt sample, never a crash
+                skipped += 1
+                log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
+            if len(items) == self.batch_size:
+                if pending is not None:
+                    yield pending
+                pending = self._emit(items, skipped)
+                items, skipped = [], 0
+        if items and not self.drop_last:
+            if pending is not None:
+                yield pending
+            pending, skipped = self._emit(items, skipped), 0
+        if pending is not None:
+            pending[SKIPPED] += skipped
+            yield pending
+
+    def _emit(self, items: list[dict[str, Any]], skipped: int) -> Batch:
+        batch = collate_items(items, self.modalities)
+        batch[SKIPPED] = skipped
+        return batch
+
+
+def count_tar_errors(exn: Exception) -> bool:
+    log.warning("skipping unreadable shard member: %s", exn)
+    return True
+
+
+def make_pipeline(
+    shards: Shards, modalities: Sequence[Modality], batch_size: int, *, train: bool, shuffle_buffer: int = 1000,
+    drop_last: bool = False, seed: int = 0,
+) -> wds.DataPipeline:
+    """The WebDataset pipeline: shard list -> node split -> worker split -> tar samples -> (shuffle) -> batches."""
+    stages: list[Any] = [wds.SimpleShardList(expand_shards(shards))]
+    if train:
+        stages.append(wds.detshuffle(bufsize=100, initial=10, seed=seed))
+    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=count_tar_errors)]
+    if train and shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+    stages.append(SampleBatcher(modalities, batch_size, drop_last))
+    return wds.DataPipeline(*stages)
+
+
+class WdsDataModule(L.LightningDataModule):
+    """Shard URL patterns per split, decoded by the given modality plug-ins.
+
+    Args:
+        modalities: the plug-ins that decode, collate and prepare the fields (e.g. image + text).
+        train, val, test, predict: shard patterns (brace/glob) or lists of them; ``None`` disables a split.
+        batch_size: samples per batch (per process).
+        num_workers: data-loader worker processes; shards are split across them and across nodes.
+        shuffle_buffer: sample shuffle buffer in training.
+        pin_memory: pin host batches when training on CUDA.
+        seed: shard-order shuffling seed.
+    """
+
+    def __init__(
+        self,
+        modalities: list[Modality],
+        train: Shards | None = None,
+        val: Shards | None = None,
+        test: Shards | None = None,
+        predict: Shards | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.modalities = modalities
+        self.shards = {"train": train, "val": val, "test": test, "predict": predict}
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.skipped_samples = 0
+        for pattern in self.shards.values():
+            if pattern is not None:
+                expand_shards(pattern)  # fail at configuration time, not after the first epoch
+
+    def _loader(self, split: str) -> DataLoader:
+        pattern = self.shards[split]
+        if pattern is None:
+            raise ValueError(f"no shards configured for the {split!r} split (data.init_args.{split})")
+        train = split == "train"
+        pipeline = make_pipeline(pattern, self.modalities, self.batch_size, train=train,
+                                 shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.seed)
+        return DataLoader(
+            pipeline, batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0 and train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.shards["val"] is None else self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        self.skipped_samples += int(batch.pop(SKIPPED, 0))
+        return batch
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        train = self.trainer is not None and self.trainer.training
+        return prepare_on_device(batch, self.modalities, train)
+
+
+def prepare_on_device(batch: Batch, modalities: Sequence[Modality], train: bool) -> Batch:
+    """Run each modality's device-side transform (after the host-to-device copy)."""
+    for modality in modalities:
+        batch = modality.on_device(batch, train)
+    return batch

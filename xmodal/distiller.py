@@ -1,0 +1,200 @@
+"""The one LightningModule: a student, an optional frozen teacher, and a weighted list of losses.
+
+``training_step`` runs the student, runs the teacher (or reads its cached outputs), sums
+``weight * loss`` over the configured :class:`~xmodal.contracts.DistillLoss` terms and logs every term.
+With no teacher and only student-side losses it trains a model from scratch (the baselines and the
+demo's CLIP teacher are trained this way). The teacher is deliberately *not* a registered submodule: it is
+never trained, never put in train mode by Lightning, and never written into checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
+from torch import Tensor, nn
+
+from xmodal.contracts import Batch, DistillLoss, Outputs, Teacher, key_list
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+class ConfigKeyError(ValueError):
+    """A loss reads an output key that no model produces."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf."""
+
+
+class Distiller(L.LightningModule):
+    """Compose a student, a teacher and losses.
+
+    Args:
+        student: the model being trained; ``forward(batch) -> Outputs`` and an ``output_keys`` tuple.
+        losses: the loss terms, each with its keys, weight and name.
+        teacher: a frozen teacher (live or :class:`~xmodal.teachers.cached.CachedTeacher`), or ``None``.
+        optimizer: a factory ``params -> Optimizer`` (``class_path``/``init_args`` in YAML).
+        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``) or
+            ``"constant"`` (warm-up, then flat).
+        warmup_steps: linear warm-up length in optimizer steps.
+        check_finite: stop with :class:`NonFiniteLossError` naming the step and term on NaN/inf.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        losses: Sequence[DistillLoss],
+        teacher: nn.Module | None = None,
+        optimizer: OptimizerFactory = default_optimizer,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise TypeError(f"{type(teacher).__name__} is not a Teacher: it needs output_keys and manifest()")
+        self.student = student
+        self.losses = nn.ModuleList(losses)
+        object.__setattr__(self, "teacher", teacher)  # unregistered on purpose, see the module docstring
+        self.optimizer_factory = optimizer
+        self.scheduler = scheduler
+        self.warmup_steps = warmup_steps
+        self.check_finite = check_finite
+        validate_keys(student, teacher, self.losses)
+
+    def forward(self, batch: Batch) -> Outputs:
+        return self.student(batch)
+
+    def teacher_outputs(self, batch: Batch) -> Outputs | None:
+        if self.teacher is None or not any(loss.needs_teacher for loss in self.losses):
+            return None
+        with torch.no_grad():
+            return self.teacher(batch)
+
+    def compute_losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        student_out = self.student(batch)
+        teacher_out = self.teacher_outputs(batch)
+        terms: dict[str, Tensor] = {}
+        for loss in self.losses:
+            s, t = loss.select(student_out, teacher_out)
+            terms[loss.name] = loss(s, t, batch)
+        total = sum(loss.weight * terms[loss.name] for loss in self.losses)
+        assert isinstance(total, Tensor)
+        return total, terms
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        total, terms = self.compute_losses(batch)
+        if self.check_finite:
+            self._check_finite(total, terms)
+        batch_size = batch_size_of(batch)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Outputs:
+        return self.student(batch)
+
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        total, terms = self.compute_losses(batch)
+        batch_size = batch_size_of(batch)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+
+    def _check_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+        if torch.isfinite(total):
+            return
+        bad = [f"{name}={value.item()}" for name, value in terms.items() if not torch.isfinite(value)]
+        raise NonFiniteLossError(f"non-finite loss at step {self.global_step}: {', '.join(bad) or total.item()}")
+
+    def on_train_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        skipped = getattr(datamodule, "skipped_samples", None)
+        if skipped is not None:
+            self.log("data/skipped_samples", float(skipped), reduce_fx="sum", sync_dist=True)
+            datamodule.skipped_samples = 0
+
+    def _move_teacher(self) -> None:
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.to(self.device)
+            self.teacher.eval()
+
+    def on_fit_start(self) -> None:
+        self._move_teacher()
+
+    def on_validation_start(self) -> None:
+        self._move_teacher()
+
+    def on_test_start(self) -> None:
+        self._move_teacher()
+
+    def on_predict_start(self) -> None:
+        self._move_teacher()
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        schedule = lr_lambda(self.scheduler, self.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_lambda(kind: str, warmup: int, total: int | None) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``step``."""
+
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant" or not total:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"unknown scheduler {kind!r}; use 'cosine' or 'constant'")
+    return schedule
+
+
+def validate_keys(student: nn.Module, teacher: nn.Module | None, losses: Iterable[DistillLoss]) -> None:
+    """Fail before training when a loss reads a key that the student or teacher does not produce."""
+    student_keys = set(getattr(student, "output_keys", ()))
+    teacher_keys = set(getattr(teacher, "output_keys", ())) if teacher is not None else set()
+    for loss in losses:
+        for key in key_list(loss.student_key):
+            if student_keys and key not in student_keys:
+                raise ConfigKeyError(
+                    f"loss {loss.name!r}: student_key {key!r} is not produced by the student "
+                    f"({type(student).__name__} produces {sorted(student_keys)})"
+                )
+        for key in key_list(loss.teacher_key):
+            if teacher is None:
+                raise ConfigKeyError(f"loss {loss.name!r}: teacher_key {key!r} is set but no teacher is configured")
+            if key not in teacher_keys:
+                raise ConfigKeyError(
+                    f"loss {loss.name!r}: teacher_key {key!r} is not produced by the teacher "
+                    f"({type(teacher).__name__} produces {sorted(teacher_keys)})"
+                )
+
+
+def batch_size_of(batch: Batch) -> int:
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, list):
+            return len(value)
+    return 1

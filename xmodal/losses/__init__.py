@@ -1,0 +1,7 @@
+"""Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`."""
+
+from xmodal.losses.contrastive import CLIPContrastiveLoss
+from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
+from xmodal.losses.logits import KLDivLoss
+
+__all__ = ["CLIPContrastiveLoss", "FeatureCosineLoss", "FeatureMSELoss", "KLDivLoss"]

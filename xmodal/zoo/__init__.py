@@ -1,0 +1,26 @@
+"""The model zoo: checkpoint folders with model cards, and ``create_model`` by name or path.
+
+See :mod:`xmodal.zoo.registry` for the checkpoint format and where cards are looked up.
+"""
+
+from xmodal.zoo.registry import (
+    ChecksumError,
+    create_model,
+    list_models,
+    model_card,
+    register_model,
+    save_pretrained,
+    sha256_file,
+    user_zoo_dir,
+)
+
+__all__ = [
+    "ChecksumError",
+    "create_model",
+    "list_models",
+    "model_card",
+    "register_model",
+    "save_pretrained",
+    "sha256_file",
+    "user_zoo_dir",
+]

@@ -22,7 +22,7 @@ import torchaudio
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from xmodal.contracts import Batch
+from xmodal.contracts import Batch, Modality
 
 AUDIO_EXTENSIONS = ("flac", "wav")
 INT16_SCALE = 32768.0
@@ -51,7 +51,7 @@ def encode_audio(wave: np.ndarray | Tensor, sample_rate: int, format: str = "FLA
     return buf.getvalue()
 
 
-class AudioModality:
+class AudioModality(Modality):
     """Decode ``flac``/``wav`` fields to ``audio`` (int16 ``S``, mono, at ``sample_rate``).
 
     Args:

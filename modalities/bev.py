@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from xmodal.contracts import Batch, to_float_image
+from xmodal.contracts import Batch, Modality, to_float_image
 
 POINT_FIELDS = ("npy", "lidar.npy")
 BOX_DIM = 9
@@ -103,7 +103,7 @@ def decode_view(data: bytes, image_size: tuple[int, int] | None, intrinsics: Ten
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), k
 
 
-class BEVModality:
+class BEVModality(Modality):
     """Decode LiDAR points, camera views with calibration, and 3D boxes (fields in the module docstring).
 
     Args:

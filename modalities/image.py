@@ -25,16 +25,15 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def decode_image(data: bytes, size: int) -> Tensor:
     """Decode encoded image bytes to uint8 ``3 x size x size`` (short-side resize, then centre crop)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        if scale != 1.0:
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
+    with Image.open(io.BytesIO(data)) as source:
+        img = source.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale != 1.0:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -79,7 +78,7 @@ def random_resized_crop(images: Tensor, min_scale: float) -> Tensor:
     """Per-sample random crops of area fraction in ``[min_scale, 1]``, resized back, in one ``grid_sample``."""
     b = images.shape[0]
     scale = torch.empty(b, device=images.device).uniform_(min_scale, 1.0).sqrt()
-    shift = (1 - scale) * (torch.rand(b, 2, device=images.device) * 2 - 1)
+    shift = (1 - scale)[:, None] * (torch.rand(b, 2, device=images.device) * 2 - 1)
     theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
     theta[:, 0, 0] = scale
     theta[:, 1, 1] = scale
@@ -93,6 +92,9 @@ class ImageNormalize(nn.Module):
 
     Input: float ``B x 3 x H x W`` in [0, 1] (uint8 is converted). Output: ``B x 3 x size x size``.
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self, size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD

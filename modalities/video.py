@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, to_float_image
+from xmodal.contracts import Batch, Modality, to_float_image
 from xmodal.modalities.audio import TemporalTransformer, lengths_to_mask
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 
@@ -131,7 +131,7 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str = "mpeg4", quality: int 
     return buf.getvalue()
 
 
-class VideoModality:
+class VideoModality(Modality):
     """Decode ``mp4`` (or ``avi/mkv/webm/mov``) fields to ``video`` (uint8 ``T x 3 x size x size``).
 
     Args:

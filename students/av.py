@@ -39,6 +39,8 @@ class VideoStudent(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        self.init_args = {"out_dim": out_dim, "dim": dim, "depth": depth, "heads": heads, "channels": channels,
+                          "head_hidden": head_hidden, "mean": list(mean), "std": list(std), "dropout": dropout}
         self.encoder = VideoEncoder(dim, depth, heads, channels, mean=mean, std=std, dropout=dropout)
         self.head = AlignmentHead(dim, out_dim, head_hidden)
 

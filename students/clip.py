@@ -56,7 +56,12 @@ class CLIPStudent(nn.Module):
                           "init_logit_scale": init_logit_scale}
         text_cfg = dict(text_cfg)
         text_cfg.setdefault("vocab_size", vocab_size(tokenizer))
-        self.model_cfg = {"embed_dim": embed_dim, "vision_cfg": dict(vision_cfg), "text_cfg": text_cfg}
+        if text_cfg.get("pool_type") == "eos" and not Path(tokenizer).is_dir():
+            raise ValueError(
+                f"text_cfg pool_type 'eos' needs a tokenizer folder with an end token; {tokenizer!r} is an open_clip "
+                "tokenizer, which ends sequences with its highest id: use pool_type 'argmax'"
+            )
+        self.model_cfg: dict[str, Any] = {"embed_dim": embed_dim, "vision_cfg": dict(vision_cfg), "text_cfg": text_cfg}
         self.tokenizer_name = tokenizer
         self.model = open_clip.CLIP(
             embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_scale=init_logit_scale

@@ -6,8 +6,6 @@ Nothing downloads here unless the user asks for a pretrained tag they have not c
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -17,6 +15,7 @@ from torch import nn
 
 from xmodal.contracts import Batch, Outputs, Teacher, freeze
 from xmodal.modalities.image import ImageNormalize
+from xmodal.teachers.common import state_dict_sha256
 
 
 class OpenCLIPTeacher(nn.Module, Teacher):
@@ -66,20 +65,3 @@ class OpenCLIPTeacher(nn.Module, Teacher):
             "output_keys": list(self.output_keys),
         }
 
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state-dict names, dtypes, shapes and bytes: identifies the weights exactly."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

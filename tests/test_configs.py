@@ -32,20 +32,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         torch.manual_seed(0)
         save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), "runs/tiny/clip_teacher")
         main(["cache", "--config", str(ROOT / "configs/tiny/cache/clip.yaml")])
-        extra_builders(work)
+        make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4, progress=False)
         yield work
     finally:
         os.chdir(previous)
-
-
-def extra_builders(work: Path) -> None:
-    """Data for the cross-modal tiny pair (audio teacher -> video student)."""
-    try:
-        from xmodal.data.corpora import make_corpus
-
-        make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4)
-    except (ValueError, ImportError):
-        pass
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -94,7 +84,7 @@ def test_cached_teacher_gives_the_live_loss(workspace: Path) -> None:
 
 def test_cache_refuses_another_teacher(workspace: Path, tmp_path: Path) -> None:
     from xmodal.students.clip import CLIPStudent, save_open_clip_dir
-    from xmodal.teachers.cached import CacheMismatchError, CachedTeacher
+    from xmodal.teachers.cached import CachedTeacher, CacheMismatchError
     from xmodal.teachers.open_clip import OpenCLIPTeacher
 
     torch.manual_seed(99)

@@ -73,3 +73,26 @@ def test_loss_names_default_and_select_reports_missing_keys() -> None:
     assert FeatureCosineLoss("x", "x", name="img_cos").name == "img_cos"
     with pytest.raises(KeyError, match="audio.logits"):
         loss.select({"video.logits": torch.zeros(1)}, {"audio.logits": torch.zeros(1)})
+
+
+def test_resample_to_by_hand() -> None:
+    from xmodal.losses.sequence import resample_to
+
+    # 4 source steps [0, 1, 2, 3] -> 2 target steps sample at positions 0.5 and 2.5
+    source = torch.tensor([[[0.0], [1.0], [2.0], [3.0]]])
+    out = resample_to(source, torch.tensor([4]), torch.tensor([2]), target_steps=3)
+    assert out[0, :2, 0].tolist() == pytest.approx([0.5, 2.5])
+    # only the first 2 source steps are valid -> upsampled to 4 target steps: positions -0.25..1.25 clamped
+    out = resample_to(source, torch.tensor([2]), torch.tensor([4]), target_steps=4)
+    assert out[0, :, 0].tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
+def test_time_aligned_mse_by_hand_ignores_padding() -> None:
+    from xmodal.losses import TimeAlignedMSELoss
+
+    teacher = torch.tensor([[[0.0], [1.0], [2.0], [3.0]]])  # resampled to 2 steps: 0.5, 2.5
+    t_mask = torch.tensor([[True, True, True, True]])
+    student = torch.tensor([[[1.5], [2.5], [100.0]]])  # third step is padding
+    s_mask = torch.tensor([[True, True, False]])
+    loss = TimeAlignedMSELoss()((student, s_mask), (teacher, t_mask), {})
+    assert loss.item() == pytest.approx((1.0**2 + 0.0**2) / 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
@@ -33,7 +34,7 @@ class ExportStudent(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from xmodal.zoo import save_pretrained
 
-        student = pl_module.student
+        student: torch.nn.Module = pl_module.student  # type: ignore[assignment]
         init_args = getattr(student, "init_args", None)
         if init_args is None:
             raise TypeError(f"{type(student).__name__} has no init_args; ExportStudent cannot rebuild it")

@@ -17,10 +17,15 @@ from lightning.pytorch.cli import LightningCLI
 
 # Imported so that jsonargparse knows the classes by their short names in configs.
 import xmodal.losses  # noqa: F401
+import xmodal.modalities.audio  # noqa: F401
+import xmodal.modalities.bev  # noqa: F401
 import xmodal.modalities.image  # noqa: F401
 import xmodal.modalities.text  # noqa: F401
+import xmodal.modalities.video  # noqa: F401
+import xmodal.students.av  # noqa: F401
 import xmodal.students.clip  # noqa: F401
 import xmodal.teachers.cached  # noqa: F401
+import xmodal.teachers.hf  # noqa: F401
 import xmodal.teachers.open_clip  # noqa: F401
 from xmodal.data.wds import WdsDataModule
 from xmodal.distiller import ConfigKeyError, Distiller

@@ -19,12 +19,13 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
 
 from xmodal.contracts import count_params
+from xmodal.students.clip import CLIPStudent
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "clip_compression"
 
@@ -50,7 +51,7 @@ def config_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def ms_per_image(model: torch.nn.Module, image_size: int, batch: int = 64, repeats: int = 10) -> float:
+def ms_per_image(model: CLIPStudent, image_size: int, batch: int = 64, repeats: int = 10) -> float:
     """Median CPU milliseconds per image of ``encode_image`` on a uint8 batch (threads as configured)."""
     model = model.cpu().eval()
     images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
@@ -64,7 +65,7 @@ def ms_per_image(model: torch.nn.Module, image_size: int, batch: int = 64, repea
     return 1000 * statistics.median(times) / batch
 
 
-def evaluate(model: torch.nn.Module, data: Path, image_size: int) -> dict[str, float]:
+def evaluate(model: CLIPStudent, data: Path, image_size: int) -> dict[str, float]:
     from xmodal.data.wds import make_pipeline
     from xmodal.eval.retrieval import evaluate_retrieval
     from xmodal.eval.zeroshot import evaluate_zeroshot
@@ -81,7 +82,7 @@ def evaluate(model: torch.nn.Module, data: Path, image_size: int) -> dict[str, f
             "i2t_R@1": retrieval["i2t_R@1"], "t2i_R@1": retrieval["t2i_R@1"], "n_test": zeroshot["n"]}
 
 
-def describe(name: str, model: torch.nn.Module, data: Path, seed: int | None, seconds: float | None) -> dict[str, Any]:
+def describe(name: str, model: CLIPStudent, data: Path, seed: int | None, seconds: float | None) -> dict[str, Any]:
     image_size = model.normalize.size
     row: dict[str, Any] = {"model": name, "seed": seed,
                            "params": count_params(model.model), "image_params": count_params(model.model.visual),
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ensure_corpus(args.data, args.n_train)
     teacher_seconds = ensure_teacher(out)
 
-    from xmodal.zoo import create_model, register_model
+    from xmodal.zoo import create_model as create
+    from xmodal.zoo import register_model
+
+    def create_model(path: str) -> CLIPStudent:
+        return cast(CLIPStudent, create(path))
 
     rows = [describe("teacher", create_model(str(out / "teacher")), args.data, 0, teacher_seconds)]
     for seed in args.seeds:

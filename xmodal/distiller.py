@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -47,6 +47,8 @@ class Distiller(L.LightningModule):
         check_finite: stop with :class:`NonFiniteLossError` naming the step and term on NaN/inf.
     """
 
+    teacher: Teacher | None
+
     def __init__(
         self,
         student: nn.Module,
@@ -67,13 +69,18 @@ class Distiller(L.LightningModule):
         self.scheduler = scheduler
         self.warmup_steps = warmup_steps
         self.check_finite = check_finite
-        validate_keys(student, teacher, self.losses)
+        validate_keys(student, teacher, self.terms)
+
+    @property
+    def terms(self) -> list[DistillLoss]:
+        """The loss modules, typed."""
+        return cast(list[DistillLoss], list(self.losses))
 
     def forward(self, batch: Batch) -> Outputs:
         return self.student(batch)
 
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
-        if self.teacher is None or not any(loss.needs_teacher for loss in self.losses):
+        if self.teacher is None or not any(loss.needs_teacher for loss in self.terms):
             return None
         with torch.no_grad():
             return self.teacher(batch)
@@ -82,10 +89,10 @@ class Distiller(L.LightningModule):
         student_out = self.student(batch)
         teacher_out = self.teacher_outputs(batch)
         terms: dict[str, Tensor] = {}
-        for loss in self.losses:
+        for loss in self.terms:
             s, t = loss.select(student_out, teacher_out)
             terms[loss.name] = loss(s, t, batch)
-        total = sum(loss.weight * terms[loss.name] for loss in self.losses)
+        total = sum(loss.weight * terms[loss.name] for loss in self.terms)
         assert isinstance(total, Tensor)
         return total, terms
 
@@ -124,7 +131,7 @@ class Distiller(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         skipped = getattr(datamodule, "skipped_samples", None)
-        if skipped is not None:
+        if datamodule is not None and skipped is not None:
             self.log("data/skipped_samples", float(skipped), reduce_fx="sum", sync_dist=True)
             datamodule.skipped_samples = 0
 

@@ -42,7 +42,8 @@ def _raw_batches(shards: str, batch_size: int) -> Iterator[list[dict[str, Any]]]
 
 
 def _with_outputs(
-    teacher: torch.nn.Module, modalities: Sequence[Modality], shards: str, batch_size: int, device: str, stats: dict[str, Any]
+    teacher: torch.nn.Module, modalities: Sequence[Modality], shards: str, batch_size: int, device: str,
+    stats: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
     progress = tqdm(desc="caching teacher outputs", unit="sample")
     for raw in _raw_batches(shards, batch_size):

@@ -171,7 +171,9 @@ class WdsDataModule(L.LightningDataModule):
         return self._loader("predict")
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        self.skipped_samples += int(batch.pop(SKIPPED, 0))
+        skipped = int(batch.pop(SKIPPED, 0))
+        if self.trainer is None or self.trainer.training:  # evaluation skips are warned about, not counted here
+            self.skipped_samples += skipped
         return batch
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

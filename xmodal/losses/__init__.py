@@ -3,5 +3,6 @@
 from xmodal.losses.contrastive import CLIPContrastiveLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
 from xmodal.losses.logits import KLDivLoss
+from xmodal.losses.sequence import TimeAlignedMSELoss
 
-__all__ = ["CLIPContrastiveLoss", "FeatureCosineLoss", "FeatureMSELoss", "KLDivLoss"]
+__all__ = ["CLIPContrastiveLoss", "FeatureCosineLoss", "FeatureMSELoss", "KLDivLoss", "TimeAlignedMSELoss"]

@@ -8,14 +8,20 @@ from torch import Tensor, nn
 from xmodal.contracts import Batch, DistillLoss, Keys
 
 
+def make_projector(student_dim: int | None, teacher_dim: int | None) -> nn.Module:
+    """A learned linear map from the student's width to the teacher's, or the identity when none is needed."""
+    if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
+        return nn.Linear(student_dim, teacher_dim)
+    return nn.Identity()
+
+
 class _FeatureLoss(DistillLoss):
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None = None, teacher_dim: int | None = None,
         weight: float = 1.0, name: str | None = None,
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name)
-        needs_projector = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
-        self.projector: nn.Module = nn.Linear(student_dim, teacher_dim) if needs_projector else nn.Identity()
+        self.projector = make_projector(student_dim, teacher_dim)
 
     def pair(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         s = self.projector(s.float())

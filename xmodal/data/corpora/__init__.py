@@ -18,7 +18,9 @@ from typing import Any
 
 from xmodal.data.corpora import avsync, digits, shapes
 
-CORPORA: dict[str, Callable[..., dict[str, Any]]] = {"shapes": shapes.make, "digits": digits.make, "avsync": avsync.make}
+CORPORA: dict[str, Callable[..., dict[str, Any]]] = {
+    "shapes": shapes.make, "digits": digits.make, "avsync": avsync.make,
+}
 
 
 def make_corpus(name: str, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

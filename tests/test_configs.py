@@ -91,3 +91,13 @@ def test_cache_refuses_another_teacher(workspace: Path, tmp_path: Path) -> None:
     other = save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), tmp_path / "other")
     with pytest.raises(CacheMismatchError, match="weights_sha256"):
         CachedTeacher("runs/tiny/clip_cache", teacher=OpenCLIPTeacher(f"local-dir:{other}"))
+
+
+def test_cache_overlay_parses_on_top_of_the_distill_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = ROOT / "configs/clip_compression/student_distill.yaml"
+    overlay = ROOT / "configs/clip_compression/cache/use_cache.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "xmodal.teachers.cached.CachedTeacher" in printed and "teacher_cache/train-*.tar" in printed

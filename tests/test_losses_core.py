@@ -96,3 +96,25 @@ def test_time_aligned_mse_by_hand_ignores_padding() -> None:
     s_mask = torch.tensor([[True, True, False]])
     loss = TimeAlignedMSELoss()((student, s_mask), (teacher, t_mask), {})
     assert loss.item() == pytest.approx((1.0**2 + 0.0**2) / 2)
+
+
+def test_affinity_mimic_by_hand() -> None:
+    from xmodal.losses import AffinityMimicLoss
+
+    image_s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # student logits (scale 1): [[1, 1], [0, 0]] -> rows uniform; columns: softmax([1, 0]) for both columns
+    image_t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # teacher logits (scale 2): [[2, 0], [0, 2]]
+    p = math.exp(2) / (math.exp(2) + 1)  # teacher's probability on the diagonal
+    q = math.exp(1) / (math.exp(1) + 1)  # student's column softmax on image 0
+    rows = -(p * math.log(0.5) + (1 - p) * math.log(0.5))  # each row: teacher [p, 1-p] vs student [.5, .5]
+    col0 = -(p * math.log(q) + (1 - p) * math.log(1 - q))  # column 0: teacher [p, 1-p] vs student [q, 1-q]
+    col1 = -((1 - p) * math.log(q) + p * math.log(1 - q))  # column 1: teacher [1-p, p] vs student [q, 1-q]
+    expected = (rows + (col0 + col1) / 2) / 2
+    loss = AffinityMimicLoss()((image_s, text_s, torch.tensor(1.0)), (image_t, text_t, torch.tensor(2.0)), {})
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    same = (image_t, text_t)
+    fixed = AffinityMimicLoss(temperature=0.5)((*same, torch.tensor(9.0)), (*same, torch.tensor(1.0)), {})
+    assert fixed.item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)), abs=1e-6)

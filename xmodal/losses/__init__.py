@@ -1,10 +1,34 @@
-"""Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`."""
+"""Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`, usable from YAML by class name."""
 
+from xmodal.losses.cka import CKALoss, linear_cka
 from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
-from xmodal.losses.logits import KLDivLoss
+from xmodal.losses.logits import DKDLoss, HardLabelLoss, JSDivLoss, KLDivLoss, ReverseKLLoss
+from xmodal.losses.masked import MaskedFeatureLoss, partial_forward, random_patch_mask
+from xmodal.losses.nd import NormDirectionLoss
+from xmodal.losses.ofa import OFALoss
 from xmodal.losses.sequence import TimeAlignedMSELoss
+from xmodal.losses.sinkhorn import SinkhornLoss
+from xmodal.losses.taid import TAIDLoss
 
 __all__ = [
     "AffinityMimicLoss",
-    "CLIPContrastiveLoss", "FeatureCosineLoss", "FeatureMSELoss", "KLDivLoss", "TimeAlignedMSELoss"]
+    "CKALoss",
+    "CLIPContrastiveLoss",
+    "DKDLoss",
+    "FeatureCosineLoss",
+    "FeatureMSELoss",
+    "HardLabelLoss",
+    "JSDivLoss",
+    "KLDivLoss",
+    "MaskedFeatureLoss",
+    "NormDirectionLoss",
+    "OFALoss",
+    "ReverseKLLoss",
+    "SinkhornLoss",
+    "TAIDLoss",
+    "TimeAlignedMSELoss",
+    "linear_cka",
+    "partial_forward",
+    "random_patch_mask",
+]

@@ -25,7 +25,7 @@ class _FeatureLoss(DistillLoss):
 
     def pair(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         s = self.projector(s.float())
-        t = t.float()
+        t = t.detach().float()
         if s.shape != t.shape:
             raise ValueError(
                 f"loss {self.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
@@ -48,3 +48,42 @@ class FeatureCosineLoss(_FeatureLoss):
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
         s, t = self.pair(s, t)
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    """Any feature layout as a token sequence ``B x N x D``.
+
+    Args:
+        x: vectors ``B x D`` (one token each), tokens ``B x N x D`` (unchanged) or a CNN map ``B x C x H x W``
+            (``N = H * W`` tokens of width ``C``, row-major).
+
+    Returns:
+        ``B x N x D`` tokens.
+    """
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() == 3:
+        return x
+    if x.dim() == 4:
+        return x.flatten(2).transpose(1, 2)
+    raise ValueError(f"expected B x D, B x N x D or B x C x H x W features, got shape {tuple(x.shape)}")
+
+
+def pool_features(x: Tensor) -> Tensor:
+    """Global average pooling of any feature layout into one ``B x D`` vector per sample (see :func:`to_tokens`)."""
+    return to_tokens(x).mean(dim=1)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Pick tokens per sample: ``out[b, k] = x[b, index[b, k]]``.
+
+    Args:
+        x: tokens ``B x N x D``.
+        index: LongTensor ``B x K`` of positions in ``[0, N)``.
+
+    Returns:
+        ``B x K x D``.
+    """
+    if index.dim() != 2 or index.shape[0] != x.shape[0]:
+        raise ValueError(f"index {tuple(index.shape)} must be B x K for tokens {tuple(x.shape)}")
+    return x.gather(1, index.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -6,6 +6,8 @@
 * ``xmodal data make NAME --out DIR``: build an offline corpus.
 * ``xmodal cache --config cache.yaml``: run a teacher over shards once and store its outputs in new shards.
 * ``xmodal eval zeroshot|retrieval ...``: benchmark a checkpoint or zoo model.
+* ``xmodal search-student --teacher ... --candidates ... --data ...``: rank student architectures without training
+  (DisWOT).
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from xmodal.data.cache import cache_main
 
         cache_main(args[1:])
+    elif args and args[0] == "search-student":
+        from xmodal.search import search_main
+
+        search_main(args[1:])
     elif args and args[0] == "eval":
         from xmodal.eval.cli import eval_main
 

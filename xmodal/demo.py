@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, type=Path)
     parser.add_argument("--data", default="runs/data/shapes", type=Path)
-    parser.add_argument("--seeds", default=[0], type=int, nargs="+")
+    parser.add_argument("--seeds", default=[0, 1], type=int, nargs="+")
     parser.add_argument("--n-train", default=20000, type=int)
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -1,5 +1,6 @@
 """Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`, usable from YAML by class name."""
 
+from xmodal.losses.augment import AugmentBatch, CutMixKD, HARDAugmenter, HARDCallback, MixupKD
 from xmodal.losses.cka import CKALoss, linear_cka
 from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
@@ -7,12 +8,26 @@ from xmodal.losses.logits import DKDLoss, HardLabelLoss, JSDivLoss, KLDivLoss, R
 from xmodal.losses.masked import MaskedFeatureLoss, partial_forward, random_patch_mask
 from xmodal.losses.nd import NormDirectionLoss
 from xmodal.losses.ofa import OFALoss
+from xmodal.losses.ranking import DSELoss, MarginMSELoss
+from xmodal.losses.relations import RKDLoss, TRGLoss
 from xmodal.losses.sequence import TimeAlignedMSELoss
 from xmodal.losses.sinkhorn import SinkhornLoss
 from xmodal.losses.taid import TAIDLoss
+from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback
 
 __all__ = [
     "AffinityMimicLoss",
+    "AugmentBatch",
+    "CutMixKD",
+    "DSELoss",
+    "HARDAugmenter",
+    "HARDCallback",
+    "MarginMSELoss",
+    "MixupKD",
+    "RKDLoss",
+    "TGeoKDLoss",
+    "TGeoKDMetaCallback",
+    "TRGLoss",
     "CKALoss",
     "CLIPContrastiveLoss",
     "DKDLoss",

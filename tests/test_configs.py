@@ -101,3 +101,16 @@ def test_cache_overlay_parses_on_top_of_the_distill_recipe(capsys: pytest.Captur
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "xmodal.teachers.cached.CachedTeacher" in printed and "teacher_cache/train-*.tar" in printed
+
+
+CACHE_CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if "cache" in p.parts and p.name != "use_cache.yaml"
+)
+
+
+@pytest.mark.parametrize("config", CACHE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_cache_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: xmodal.teachers." in capsys.readouterr().out

@@ -13,7 +13,7 @@ from tests.conftest import tiny_clip_args
 from xmodal.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "cache" not in p.parts)
+ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"cache", "stages"} & set(p.parts))
 TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
 
 

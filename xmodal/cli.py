@@ -6,6 +6,7 @@
 * ``xmodal data make NAME --out DIR``: build an offline corpus.
 * ``xmodal cache --config cache.yaml``: run a teacher over shards once and store its outputs in new shards.
 * ``xmodal eval zeroshot|retrieval ...``: benchmark a checkpoint or zoo model.
+* ``xmodal compress --config stages.yaml``: progressive multi-stage compression (TinyCLIP automatic inheritance).
 * ``xmodal search-student --teacher ... --candidates ... --data ...``: rank student architectures without training
   (DisWOT).
 """
@@ -24,11 +25,16 @@ import xmodal.modalities.bev  # noqa: F401
 import xmodal.modalities.image  # noqa: F401
 import xmodal.modalities.text  # noqa: F401
 import xmodal.modalities.video  # noqa: F401
+import xmodal.students.autoinherit  # noqa: F401
 import xmodal.students.av  # noqa: F401
 import xmodal.students.clip  # noqa: F401
+import xmodal.students.inherit  # noqa: F401
+import xmodal.students.staged  # noqa: F401
 import xmodal.teachers.cached  # noqa: F401
 import xmodal.teachers.hf  # noqa: F401
+import xmodal.teachers.multi  # noqa: F401
 import xmodal.teachers.open_clip  # noqa: F401
+import xmodal.teachers.sentence  # noqa: F401
 from xmodal.data.wds import WdsDataModule
 from xmodal.distiller import ConfigKeyError, Distiller
 
@@ -77,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from xmodal.data.cache import cache_main
 
         cache_main(args[1:])
+    elif args and args[0] == "compress":
+        from xmodal.progressive import progressive_main
+
+        progressive_main(args[1:])
     elif args and args[0] == "search-student":
         from xmodal.search import search_main
 

@@ -2,7 +2,7 @@
 
 from xmodal.losses.augment import AugmentBatch, CutMixKD, HARDAugmenter, HARDCallback, MixupKD
 from xmodal.losses.cka import CKALoss, linear_cka
-from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss
+from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss, DCDLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
 from xmodal.losses.logits import DKDLoss, HardLabelLoss, JSDivLoss, KLDivLoss, ReverseKLLoss
 from xmodal.losses.masked import MaskedFeatureLoss, partial_forward, random_patch_mask
@@ -12,6 +12,7 @@ from xmodal.losses.ranking import DSELoss, MarginMSELoss
 from xmodal.losses.relations import RKDLoss, TRGLoss
 from xmodal.losses.sequence import TimeAlignedMSELoss
 from xmodal.losses.sinkhorn import SinkhornLoss
+from xmodal.losses.sparsity import SparsityLagrangianLoss
 from xmodal.losses.taid import TAIDLoss
 from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback
 
@@ -19,6 +20,7 @@ __all__ = [
     "AffinityMimicLoss",
     "AugmentBatch",
     "CutMixKD",
+    "DCDLoss",
     "DSELoss",
     "HARDAugmenter",
     "HARDCallback",
@@ -41,6 +43,7 @@ __all__ = [
     "OFALoss",
     "ReverseKLLoss",
     "SinkhornLoss",
+    "SparsityLagrangianLoss",
     "TAIDLoss",
     "TimeAlignedMSELoss",
     "linear_cka",

@@ -92,7 +92,8 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     init_args, bundled = _bundle(_plain(init_args), out)
-    class_path = f"{type(model).__module__}.{type(model).__qualname__}"
+    # a model built by a helper class (e.g. inheriting from a teacher) may declare the plain class that rebuilds it
+    class_path = getattr(model, "zoo_class_path", None) or f"{type(model).__module__}.{type(model).__qualname__}"
     save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps({"class_path": class_path, "init_args": init_args}, indent=2) + "\n")
     from xmodal import __version__

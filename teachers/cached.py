@@ -17,7 +17,6 @@ from torch import nn
 from xmodal.contracts import CACHE_PREFIX, Batch, Outputs, Teacher
 
 MANIFEST = "manifest.json"
-IDENTITY_FIELDS = ("teacher", "model_name", "pretrained", "weights_sha256", "preprocess", "output_keys")
 
 
 class CacheMismatchError(ValueError):
@@ -62,7 +61,8 @@ class CachedTeacher(nn.Module, Teacher):
 
 def check_manifest(cached: dict[str, Any], live: dict[str, Any], where: Path | str) -> None:
     """Raise :class:`CacheMismatchError` naming every identity field that differs."""
-    diffs = [f"{k}: cache={cached.get(k)!r} configured={live.get(k)!r}" for k in IDENTITY_FIELDS
+    fields = sorted(set(cached) | set(live))  # every field of a manifest is identity: teachers define their own
+    diffs = [f"{k}: cache={cached.get(k)!r} configured={live.get(k)!r}" for k in fields
              if _normal(cached.get(k)) != _normal(live.get(k))]
     if diffs:
         listing = "\n  ".join(diffs)

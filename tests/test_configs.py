@@ -114,3 +114,14 @@ def test_every_cache_config_parses(config: Path, capsys: pytest.CaptureFixture[s
         main(["cache", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path: xmodal.teachers." in capsys.readouterr().out
+
+
+def test_manifest_check_compares_every_field() -> None:
+    from xmodal.teachers.cached import CacheMismatchError, check_manifest
+
+    cached = {"teacher": "HFTeacher", "weights_sha256": "ab", "preprocessing": {"sample_rate": 16000}}
+    check_manifest(cached, dict(cached), "cache")
+    with pytest.raises(CacheMismatchError, match="preprocessing"):
+        check_manifest(cached, {**cached, "preprocessing": {"sample_rate": 8000}}, "cache")
+    with pytest.raises(CacheMismatchError, match="dtype"):
+        check_manifest(cached, {**cached, "dtype": "bfloat16"}, "cache")

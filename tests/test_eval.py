@@ -265,3 +265,16 @@ def test_caption_json_tiny_student(tmp_path: Path) -> None:
     metrics = evaluate_retrieval_json(tiny_student(tmp_path), path, tmp_path / "images", image_size=16, split="test")
     assert metrics["n_images"] == 3 and metrics["n_texts"] == 6
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if "R@" in k) and metrics["t2i_R@5"] == 1.0
+
+
+def test_same_text_retrieval_counts_identical_captions() -> None:
+    from xmodal.eval.retrieval import same_text_retrieval
+
+    # images 0 and 1 share the caption "a"; image 2 has "b". Text embeddings equal for equal strings.
+    image = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    strict = retrieval_metrics(image, text, torch.arange(3), ks=(1,))
+    loose = same_text_retrieval(image, text, ["a", "a", "b"], ks=(1,))
+    # strict: caption 1 ("a") ranks image 0 first, which is not its own image -> t2i R@1 = 2/3
+    assert strict["t2i_R@1"] == pytest.approx(2 / 3)
+    assert loose["t2i_R@1"] == pytest.approx(1.0) and loose["i2t_R@1"] == pytest.approx(1.0)

@@ -90,6 +90,7 @@ def evaluate_retrieval(
     loader: Iterable[Mapping[str, Any]],
     device: str | torch.device | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    identical_captions_match: bool = False,
 ) -> dict[str, float]:
     """Retrieval recall@k on a loader of image-caption pairs, one caption per image (the shards case).
 
@@ -98,19 +99,39 @@ def evaluate_retrieval(
         loader: yields dicts with ``image`` (uint8 or float ``B x 3 x H x W``) and ``caption`` (``B`` strings).
         device: where to run (the model is moved there); ``None`` keeps the model where it is.
         ks: the ``k`` values.
+        identical_captions_match: count a caption as correct for every image whose own caption is the same
+            string (and vice versa). Synthetic corpora repeat captions verbatim; without this, a model cannot
+            tell which of several identically described images a caption "belongs" to, and ties count against it.
 
     Returns:
         :func:`retrieval_metrics` keys plus ``n_images`` and ``n_texts``.
     """
-    image_embs, text_embs = [], []
+    image_embs, text_embs, captions = [], [], []
     with evaluating(model, device) as dev:
         for batch in tqdm(loader, desc="retrieval", disable=None):
             image_embs.append(model.encode_image(batch["image"].to(dev, non_blocking=True)).float())
             text_embs.append(model.encode_text(list(batch["caption"])).float().to(dev))
+            captions.extend(batch["caption"])
     image_emb, text_emb = torch.cat(image_embs), torch.cat(text_embs)
     n = image_emb.shape[0]
-    metrics = retrieval_metrics(image_emb, text_emb, torch.arange(n, device=text_emb.device), ks)
+    if identical_captions_match:
+        metrics = same_text_retrieval(image_emb, text_emb, captions, ks)
+    else:
+        metrics = retrieval_metrics(image_emb, text_emb, torch.arange(n, device=text_emb.device), ks)
     return {**metrics, "n_images": n, "n_texts": n}
+
+
+def same_text_retrieval(
+    image_emb: Tensor, text_emb: Tensor, captions: Sequence[str], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k for ``N`` paired images/captions: caption ``t`` is correct for image ``i`` iff their strings match."""
+    ids = {text: i for i, text in enumerate(dict.fromkeys(captions))}
+    caption_ids = torch.tensor([ids[c] for c in captions], device=text_emb.device)
+    mask = caption_ids[:, None] == caption_ids[None, :]  # Nt x Ni
+    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    sim = text_emb @ image_emb.T
+    t2i, i2t = recall_at_k(sim, mask, ks), recall_at_k(sim.T, mask.T, ks)
+    return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
 
 
 def load_captions(captions_json: str | Path, split: str | None = None) -> list[tuple[str, list[str]]]:

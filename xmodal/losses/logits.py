@@ -21,19 +21,21 @@ def flat_logits(x: Tensor) -> Tensor:
     return x.float().flatten(0, -2)
 
 
-def soft_log_probs(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def soft_log_probs(s: Tensor, t: Tensor, temperature: float | Tensor) -> tuple[Tensor, Tensor]:
     """Tempered log-probabilities of student and (detached) teacher.
 
     Args:
         s: student logits ``B x ... x C``.
         t: teacher logits, same shape.
-        temperature: softening temperature ``T > 0``.
+        temperature: softening temperature ``T > 0``, or one per row (``N``) of the flattened logits.
 
     Returns:
         ``log softmax(s / T)`` and ``log softmax(t / T)``, both ``N x C``; the second carries no gradient.
     """
     if s.shape != t.shape:
         raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape")
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(s.device, torch.float32).reshape(-1, 1)
     log_ps = F.log_softmax(flat_logits(s) / temperature, dim=-1)
     log_pt = F.log_softmax(flat_logits(t.detach()) / temperature, dim=-1)
     return log_ps, log_pt
@@ -63,20 +65,26 @@ class KLDivLoss(DistillLoss):
     """Hinton KD: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch.
 
     ``s``, ``t``: logits ``B x C`` (or ``B x ... x C``; leading dims are flattened into the batch).
+    With ``temperature_key`` set and present in the batch (e.g. ``kd_temperature`` written by
+    :class:`~xmodal.losses.augment.MixupKD`), each sample uses its own ``T_i``: ``mean_i T_i^2 KL_i`` (``B x C`` only).
     Reference: Hinton et al., "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
     """
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, temperature: float = 1.0, weight: float = 1.0,
-        name: str | None = None,
+        name: str | None = None, temperature_key: str | None = None,
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name or "kl")
         _check_temperature(temperature)
         self.temperature = temperature
+        self.temperature_key = temperature_key
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
-        log_ps, log_pt = soft_log_probs(s, t, self.temperature)
-        return kl_rows(log_pt, log_ps).mean() * self.temperature**2
+        temperature: float | Tensor = self.temperature
+        if self.temperature_key is not None and self.temperature_key in batch:
+            temperature = batch[self.temperature_key].float().to(s.device)
+        log_ps, log_pt = soft_log_probs(s, t, temperature)
+        return (kl_rows(log_pt, log_ps) * torch.as_tensor(temperature, device=s.device).reshape(-1) ** 2).mean()
 
 
 class ReverseKLLoss(DistillLoss):

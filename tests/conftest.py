@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 TINY_VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 TINY_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1, "pool_type": "eos", "eos_id": 3, "pad_id": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids thread-pool contention on shared 2-core CPUs (far faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

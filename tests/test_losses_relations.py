@@ -32,15 +32,6 @@ from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback, tgeo_meta_st
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny tensors: one intra-op thread avoids thread-pool contention on shared CPUs (100x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def huber(x: float, delta: float = 1.0) -> float:
     return 0.5 * x * x if abs(x) < delta else delta * (abs(x) - 0.5 * delta)
 

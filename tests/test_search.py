@@ -20,14 +20,6 @@ from xmodal.search import diswot_score, probe, rank_students, relation_matrix, s
 VIT = "torchvision.models.VisionTransformer"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """conv features -> pooled ``B x width`` -> linear classifier."""
 

@@ -214,3 +214,16 @@ def test_open_clip_tokenizer_name_works_offline(shapes_dir: Path, monkeypatch: p
     loss.backward()
     assert torch.isfinite(loss) and out["text.emb"].std(0).sum() > 0  # captions embed differently
     check_grads(student.model.transformer)
+
+
+def test_training_order_is_reproducible_from_the_seed(shapes_dir: Path) -> None:
+    from xmodal.data.wds import make_pipeline
+
+    def keys(seed: int) -> list[str]:
+        pipeline = make_pipeline(str(shapes_dir / "train-*.tar"), [ImageModality(16), TextModality()], 16,
+                                 train=True, shuffle_buffer=64, seed=seed)
+        return [key for batch in pipeline for key in batch["__key__"]]
+
+    first = keys(0)
+    assert first == keys(0)
+    assert first != keys(1) and sorted(first) == sorted(keys(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -101,7 +102,8 @@ def make_pipeline(
         stages.append(wds.detshuffle(bufsize=100, initial=10, seed=seed))
     stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=count_tar_errors)]
     if train and shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        # seeded: webdataset's default seeds from pid and clock, which makes runs with the same seed differ
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     stages.append(SampleBatcher(modalities, batch_size, drop_last))
     return wds.DataPipeline(*stages)
 
@@ -116,7 +118,7 @@ class WdsDataModule(L.LightningDataModule):
         num_workers: data-loader worker processes; shards are split across them and across nodes.
         shuffle_buffer: sample shuffle buffer in training.
         pin_memory: pin host batches when training on CUDA.
-        seed: shard-order shuffling seed.
+        seed: shard- and sample-order shuffling seed; ``None`` follows Lightning's ``seed_everything``.
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class WdsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         pin_memory: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.modalities = modalities
@@ -151,12 +153,15 @@ class WdsDataModule(L.LightningDataModule):
             raise ValueError(f"no shards configured for the {split!r} split (data.init_args.{split})")
         train = split == "train"
         pipeline = make_pipeline(pattern, self.modalities, self.batch_size, train=train,
-                                 shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.seed)
+                                 shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.data_seed())
         return DataLoader(
             pipeline, batch_size=None, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and train,
         )
+
+    def data_seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -38,7 +38,11 @@ import xmodal.teachers.sentence  # noqa: F401
 from xmodal.data.wds import WdsDataModule
 from xmodal.distiller import ConfigKeyError, Distiller
 
-LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+DESCRIPTION = (
+    "Cross-modal knowledge distillation. Training verbs below are Lightning's; xmodal also has: "
+    "`xmodal data make NAME --out DIR`, `xmodal cache --config ...`, `xmodal eval zeroshot|retrieval ...`, "
+    "`xmodal compress --config ...`, `xmodal search-student ...` (each with --help)."
+)
 
 
 class XmodalCLI(LightningCLI):
@@ -61,7 +65,7 @@ def run_lightning(argv: Sequence[str]) -> None:
     try:
         XmodalCLI(
             Distiller, WdsDataModule, args=list(argv), seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False}, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION}, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
     except ConfigKeyError as error:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmodal.contracts import Batch, DistillLoss, Keys
-from xmodal.losses.features import make_projector
+from xmodal.losses.features import make_projector, to_tokens
 
 
 def pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -136,15 +136,6 @@ class RKDLoss(DistillLoss):
         return loss
 
 
-def as_tokens(x: Tensor) -> Tensor:
-    """``B x N x D`` tokens from tokens (returned as is) or a ``B x C x H x W`` feature map (``N = H W``, ``D = C``)."""
-    if x.dim() == 4:
-        return x.flatten(2).transpose(1, 2)
-    if x.dim() != 3:
-        raise ValueError(f"expected B x N x D tokens or B x C x H x W maps, got shape {tuple(x.shape)}")
-    return x
-
-
 def match_grids(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool the finer of two ``B x C x H x W`` maps to the coarser grid; tokens must already agree."""
     if s.dim() == 4 and t.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
@@ -217,7 +208,10 @@ class TRGLoss(DistillLoss):
     def tokens(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised ``B x N x D'`` token embeddings of student (projected) and teacher."""
         s, t = match_grids(s.float(), t.detach().float())
-        s, t = as_tokens(s), as_tokens(t)
+        if s.dim() == 2 or t.dim() == 2:
+            raise ValueError(f"expected B x N x D tokens or B x C x H x W maps, got shapes {tuple(s.shape)}, "
+                             f"{tuple(t.shape)}")
+        s, t = to_tokens(s), to_tokens(t)
         if s.shape[:2] != t.shape[:2]:
             raise ValueError(f"loss {self.name!r}: student tokens {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
                              "batch and token counts must agree")

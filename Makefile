@@ -4,7 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xmodal-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
+
+# espeak-ng synthesises the lip-reading corpus; tests that need it skip when it is missing.
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q espeak-ng libespeak-ng-dev >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng libespeak-ng-dev >/dev/null 2>&1)) || \
+		echo "note: espeak-ng not installed; corpus tests will be skipped"; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m xmodal.demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -217,3 +217,20 @@ def test_progressive_two_stages_shrink_and_export_open_clip(shapes_dir: Path, tm
             assert torch.equal(zoo.model.state_dict()[key], value), key
         counts.append(sum(p.numel() for p in zoo.parameters()))
     assert counts[0] > counts[1] > counts[2]
+
+
+def test_stage_config_reads_the_teacher_cache_and_numbers_stages() -> None:
+    from xmodal.progressive import stage_config
+
+    spec = {"teacher": "t", "out_dir": "o", "teacher_cache": "cache",
+            "fit": {"trainer": {"callbacks": [{"init_args": {"out_json": "probe-stage{stage}.json"}}]},
+                    "data": {"train": "raw-*.tar"}}}
+    config = stage_config(spec, {"max_steps": 3}, "src", 0.5, "log", number=2)
+    teacher = config["model"]["teacher"]
+    assert teacher["class_path"].endswith("CachedTeacher")
+    assert teacher["init_args"]["manifest"] == str(Path("cache") / "manifest.json")
+    assert teacher["init_args"]["teacher"]["init_args"]["model_name"] == "local-dir:t"
+    assert config["data"]["train"] == str(Path("cache") / "train-*.tar")
+    assert config["trainer"]["callbacks"][0]["init_args"]["out_json"] == "probe-stage2.json"
+    assert config["model"]["student"]["init_args"]["student"]["init_args"]["teacher_dir"] == "src"
+    assert spec["fit"]["data"]["train"] == "raw-*.tar"  # the shared fit section is not modified

@@ -46,3 +46,61 @@ class ExportStudent(L.Callback):
 
             save_open_clip_dir(student, self.out_dir)
         rank_zero_info(f"student exported to {self.out_dir}")
+
+
+class ZeroShotProbe(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, measure the student's zero-shot top-1 on held-out shards.
+
+    The learning curve this gives answers "how many steps until the student reaches accuracy X" (TinyCLIP's
+    training-speed claim). Each point is logged as ``probe/zeroshot_top1`` and kept in :attr:`history`; with
+    ``out_json`` the history is also written as ``[{"step": ..., "zeroshot_top1": ...}, ...]`` after every probe.
+    The student must have ``encode_image`` and ``encode_text`` (CLIP students, masked students).
+
+    Args:
+        shards: WebDataset pattern of the probe set (``png``/``jpg`` + json ``label``).
+        classes: ``classes.json`` with ``classes`` and ``templates``.
+        image_size: the student's input resolution.
+        every_n_steps: probe interval; a final probe always runs at the end of training.
+        batch_size: evaluation batch size.
+        out_json: optional path for the history.
+    """
+
+    def __init__(self, shards: str, classes: str, image_size: int, every_n_steps: int = 50, batch_size: int = 256,
+                 out_json: str | None = None) -> None:
+        import json
+
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        spec = json.loads(Path(classes).read_text())
+        self.classnames, self.templates = spec["classes"], spec["templates"]
+        self.shards, self.image_size = shards, image_size
+        self.every_n_steps, self.batch_size = every_n_steps, batch_size
+        self.out_json = Path(out_json) if out_json else None
+        self.history: list[dict[str, float]] = []
+
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> None:
+        import json
+
+        from xmodal.data.wds import make_pipeline
+        from xmodal.eval.zeroshot import evaluate_zeroshot
+        from xmodal.modalities.image import ImageModality
+
+        step = trainer.global_step
+        if self.history and self.history[-1]["step"] == step:
+            return
+        loader = make_pipeline(self.shards, [ImageModality(self.image_size)], self.batch_size, train=False)
+        result = evaluate_zeroshot(pl_module.student, loader, self.classnames, self.templates,
+                                   device=pl_module.device)
+        self.history.append({"step": step, "zeroshot_top1": float(result["top1"])})
+        if log:
+            pl_module.log("probe/zeroshot_top1", float(result["top1"]))
+        if self.out_json is not None and trainer.is_global_zero:
+            self.out_json.parent.mkdir(parents=True, exist_ok=True)
+            self.out_json.write_text(json.dumps(self.history, indent=1))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.probe(trainer, pl_module, log=False)  # Lightning does not allow self.log here

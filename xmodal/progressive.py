@@ -19,6 +19,11 @@ The stages file::
       - {target: 0.5, max_steps: 300, warmup_steps: 100}   # kept fraction of the ORIGINAL prunable parameters
       - {target: 0.25, max_steps: 300, warmup_steps: 100}
 
+Strings in ``fit`` may contain ``{stage}``, replaced by the 1-based stage number (e.g. a per-stage output file).
+
+Optional top-level key ``teacher_cache``: a folder written by ``xmodal cache`` for the original teacher; every stage
+then reads the teacher's outputs from its shards (``data.train`` is replaced) instead of running the teacher.
+
 Optional stage keys: ``warmup_steps`` and ``sparsity_weight`` (the sparsity loss), ``gate_heads``, ``init_keep`` and
 ``init_noise`` (the gates, see :class:`~xmodal.students.autoinherit.MaskedCLIP`).
 
@@ -52,11 +57,22 @@ def load_stages(path: str | Path) -> dict[str, Any]:
     return dict(spec)
 
 
+def with_stage_number(value: Any, number: int) -> Any:
+    """``value`` with ``{stage}`` replaced by ``number`` in every string of a nested config."""
+    if isinstance(value, str):
+        return value.replace("{stage}", str(number))
+    if isinstance(value, dict):
+        return {k: with_stage_number(v, number) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_stage_number(v, number) for v in value]
+    return value
+
+
 def stage_config(
-    spec: dict[str, Any], stage: dict[str, Any], source: str, target: float, log_dir: str
+    spec: dict[str, Any], stage: dict[str, Any], source: str, target: float, log_dir: str, number: int = 1
 ) -> dict[str, Any]:
-    """The ``xmodal fit`` config of one stage (see the module docstring)."""
-    config = copy.deepcopy(spec["fit"])
+    """The ``xmodal fit`` config of stage ``number`` (see the module docstring)."""
+    config = with_stage_number(copy.deepcopy(spec["fit"]), number)
     trainer = config.setdefault("trainer", {})
     trainer.update({k: stage[k] for k in ("max_steps",) if k in stage})
     trainer.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -70,8 +86,14 @@ def stage_config(
     masked: dict[str, Any] = {k: stage[k] for k in ("gate_heads", "init_keep", "init_noise") if k in stage}
     masked["student"] = {"class_path": "xmodal.students.inherit.InheritCLIPStudent", "init_args": inherit}
     model["student"] = {"class_path": "xmodal.students.autoinherit.MaskedCLIP", "init_args": masked}
-    model["teacher"] = {"class_path": "xmodal.teachers.open_clip.OpenCLIPTeacher",
-                        "init_args": {"model_name": f"local-dir:{spec['teacher']}"}}
+    live_teacher = {"class_path": "xmodal.teachers.open_clip.OpenCLIPTeacher",
+                    "init_args": {"model_name": f"local-dir:{spec['teacher']}"}}
+    model["teacher"] = live_teacher
+    if spec.get("teacher_cache"):
+        cache = Path(spec["teacher_cache"])
+        model["teacher"] = {"class_path": "xmodal.teachers.cached.CachedTeacher",
+                            "init_args": {"manifest": str(cache / "manifest.json"), "teacher": live_teacher}}
+        config.setdefault("data", {})["train"] = str(cache / "train-*.tar")
     sparsity = {"class_path": "xmodal.losses.sparsity.SparsityLagrangianLoss",
                 "init_args": {"target": target, "warmup_steps": int(stage.get("warmup_steps", 0)),
                               "weight": float(stage.get("sparsity_weight", 1.0))}}
@@ -106,7 +128,7 @@ def compress(spec: dict[str, Any]) -> list[Path]:
         stage_dir.mkdir(parents=True, exist_ok=True)
         pk = prunable_params(json.loads((Path(source) / "open_clip_config.json").read_text())["model_cfg"])
         target = min(1.0, float(stage["target"]) * p0 / pk)
-        config = stage_config(spec, stage, source, target, str(stage_dir))
+        config = stage_config(spec, stage, source, target, str(stage_dir), k)
         (stage_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         pruned = prune(run_stage(stage_dir / "config.yaml"))
         export = stage_dir / PRUNED

@@ -1,0 +1,158 @@
+"""Evaluation, latency and the Markdown/JSON/PNG report of ``bench/clip_compression.py``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.clip_compression import METHODS, mean_std, steps_to_reach
+
+METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
+
+
+def evaluate_run(run: dict[str, Any], data: Path) -> None:
+    """Fill ``run`` with final zero-shot/R@1 on the test split and parameter counts (once)."""
+    from xmodal.contracts import count_params
+    from xmodal.demo import evaluate
+    from xmodal.zoo import create_model
+
+    if "zeroshot_top1" in run:
+        return
+    model = create_model(run["export"])
+    run.update(evaluate(model, data, 32))
+    run["params"] = count_params(model.model)
+    run["image_params"] = count_params(model.model.visual)
+
+
+def measure_latency(results: dict[str, Any]) -> None:
+    """CPU ms per image (one thread) of each corpus' teacher and every exported student."""
+    from xmodal.demo import ms_per_image
+    from xmodal.zoo import create_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for entry in results["corpora"].values():
+            entry["teacher_cpu_ms_per_image"] = ms_per_image(create_model(entry["teacher"]), 32, repeats=20)
+            for run in entry["runs"].values():
+                run["cpu_ms_per_image"] = ms_per_image(create_model(run["export"]), 32, repeats=20)
+    finally:
+        torch.set_num_threads(threads)
+    results["latency_threads"] = 1
+
+
+def summarize(entry: dict[str, Any], data: Path) -> list[dict[str, Any]]:
+    """One row per method: mean/std over seeds, params, latency, steps to reach the scratch accuracy."""
+    from xmodal.contracts import count_params
+    from xmodal.demo import evaluate
+    from xmodal.zoo import create_model
+
+    if "teacher_metrics" not in entry:
+        teacher = create_model(entry["teacher"])
+        entry["teacher_metrics"] = evaluate(teacher, data, 32)
+        entry["teacher_params"] = count_params(teacher.model)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, run in entry["runs"].items():
+        evaluate_run(run, data)
+        groups.setdefault(key.split("/")[0], []).append(run)
+    scratch_final = statistics.fmean(r["zeroshot_top1"] for r in groups.get("scratch", [{"zeroshot_top1": 1.0}]))
+    scratch_steps = steps_to_reach([r["probe"] for r in groups.get("scratch", [])], scratch_final)
+    rows = []
+    for method in METHODS:
+        if method not in groups:
+            continue
+        runs = groups[method]
+        row: dict[str, Any] = {"method": method, "n_seeds": len(runs)}
+        for metric in METRICS:
+            row[metric] = mean_std([r[metric] for r in runs])
+        row["params"] = statistics.fmean(r["params"] for r in runs)
+        row["params_rel"] = row["params"] / entry["teacher_params"]
+        if all("cpu_ms_per_image" in r for r in runs) and "teacher_cpu_ms_per_image" in entry:
+            row["latency_rel"] = statistics.fmean(r["cpu_ms_per_image"] for r in runs) / entry[
+                "teacher_cpu_ms_per_image"]
+        row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+        reach = steps_to_reach([r["probe"] for r in runs], scratch_final)
+        row["steps_to_scratch_final"] = reach
+        row["speedup_vs_scratch"] = (scratch_steps / reach) if reach and scratch_steps else None
+        rows.append(row)
+    entry["scratch_final_zeroshot_top1"] = scratch_final
+    entry["scratch_steps_to_final"] = scratch_steps
+    return rows
+
+
+def fmt(pair: tuple[float, float]) -> str:
+    return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+
+
+def markdown(name: str, entry: dict[str, Any], rows: list[dict[str, Any]], steps: int) -> str:
+    t = entry["teacher_metrics"]
+    lines = [
+        f"### {name}",
+        "",
+        f"Teacher: {entry['teacher_params'] / 1e6:.2f} M params, zero-shot top-1 {100 * t['zeroshot_top1']:.1f}%, "
+        f"I→T R@1 {100 * t['i2t_R@1']:.1f}%, T→I R@1 {100 * t['t2i_R@1']:.1f}%. "
+        f"Scratch students' mean final zero-shot: {100 * entry['scratch_final_zeroshot_top1']:.1f}%.",
+        "",
+        "| method | seeds | zero-shot top-1 % | I→T R@1 % | T→I R@1 % | params (× teacher) | CPU latency × teacher "
+        f"| steps to scratch's final (of {steps}) | speed-up | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        latency = f"{r['latency_rel']:.2f}" if "latency_rel" in r else "not measured"
+        reach = "never" if r["steps_to_scratch_final"] is None else str(r["steps_to_scratch_final"])
+        speed = "—" if r["speedup_vs_scratch"] is None else f"{r['speedup_vs_scratch']:.1f}×"
+        lines.append(
+            f"| {r['method']} | {r['n_seeds']} | {fmt(r['zeroshot_top1'])} | {fmt(r['i2t_R@1'])} | "
+            f"{fmt(r['t2i_R@1'])} | {r['params'] / 1e6:.3f} M ({r['params_rel']:.2f}) | {latency} | {reach} | "
+            f"{speed} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Seed-mean zero-shot learning curves per method, one panel per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = results["corpora"]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], corpora.items(), strict=True):
+        groups: dict[str, list[list[dict[str, float]]]] = {}
+        for key, run in entry["runs"].items():
+            groups.setdefault(key.split("/")[0], []).append(run["probe"])
+        for method, curves in groups.items():
+            steps = sorted({int(p["step"]) for p in curves[0]})
+            means = [statistics.fmean(p["zeroshot_top1"] for c in curves for p in c if int(p["step"]) == s)
+                     for s in steps]
+            ax.plot(steps, [100 * m for m in means], marker=".", label=method)
+        ax.axhline(100 * entry["teacher_metrics"]["zeroshot_top1"], color="k", ls="--", lw=1, label="teacher")
+        ax.set(title=name, xlabel="optimizer step", ylabel="zero-shot top-1 % (test, seed mean)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    """Evaluate what is missing, then write ``out``.json/.md/.png and print the tables."""
+    sections = []
+    for name, entry in results["corpora"].items():
+        rows = summarize(entry, Path(results.get("data_root", "runs/data")) / name)
+        entry["summary"] = rows
+        sections.append(markdown(name, entry, rows, results["steps"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    header = (f"# CLIP compression benchmark\n\n`python -m bench.clip_compression` — {results['steps']} optimizer "
+              f"steps per student, seeds {results['seeds']}, mean ± std over seeds. Plot: "
+              f"[clip_compression.png](clip_compression.png).\n")
+    text = header + "\n" + "\n\n".join(sections) + "\n"
+    out.with_suffix(".md").write_text(text)
+    plot(results, out.with_suffix(".png"))
+    print(text)

@@ -1,8 +1,12 @@
-"""``xmodal data make NAME --out DIR [--seed N] [--image-size N] [--n-train N] ...``: build an offline corpus."""
+"""``xmodal data make NAME --out DIR [--seed N] [--size S] [--image-size N] ...``: build an offline corpus.
+
+Options a corpus's ``make`` does not take are refused, naming the corpus (``--size`` is for ``avspeech-grid``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from collections.abc import Sequence
 
@@ -21,7 +25,14 @@ def data_main(argv: Sequence[str]) -> None:
     make.add_argument("--n-val", type=int)
     make.add_argument("--n-test", type=int)
     make.add_argument("--shard-size", type=int)
+    make.add_argument("--size", choices=("tiny", "small", "medium"), help="corpus size, where the corpus has sizes")
+    make.add_argument("--workers", type=int, help="generating processes, where the corpus is generated in parallel")
     args = parser.parse_args(list(argv))
     options = {k: v for k, v in vars(args).items() if k not in ("verb", "name", "out") and v is not None}
+    if args.name in CORPORA:
+        accepted = inspect.signature(CORPORA[args.name]).parameters
+        refused = sorted(k for k in options if k not in accepted and k != "seed")
+        if refused:
+            parser.error(f"{args.name} does not take {', '.join('--' + k.replace('_', '-') for k in refused)}")
     meta = make_corpus(args.name, args.out, **options)
     print(json.dumps(meta, indent=2, default=str))

@@ -8,6 +8,8 @@ and ``meta.json``, and returns the metadata.
 * ``shapes``: procedural coloured shapes with compositional captions; test holds unseen attribute combinations.
 * ``digits``: scikit-learn's handwritten digits, upscaled and colourised, with captions.
 * ``avsync``: short clips of a pulsing blob with a tone following the same envelope (audio-video pairs).
+* ``avspeech-grid``: GRID sentences spoken by espeak-ng with a rendered mouth driven by the engine's phoneme
+  timings (``flac``, ``mp4``, ``txt``, ``json``; needs libespeak-ng); ``make(out_dir, *, seed, size, ...)``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.corpora import avsync, digits, shapes
+from xmodal.data.corpora import avspeech, avsync, digits, shapes
 
 CORPORA: dict[str, Callable[..., dict[str, Any]]] = {
-    "shapes": shapes.make, "digits": digits.make, "avsync": avsync.make,
+    "shapes": shapes.make, "digits": digits.make, "avsync": avsync.make, "avspeech-grid": avspeech.make,
 }
 
 
@@ -34,4 +36,4 @@ def make_corpus(name: str, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]
     return CORPORA[name](out_dir, **kwargs)
 
 
-__all__ = ["CORPORA", "make_corpus", "avsync", "digits", "shapes"]
+__all__ = ["CORPORA", "make_corpus", "avspeech", "avsync", "digits", "shapes"]

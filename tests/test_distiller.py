@@ -14,7 +14,7 @@ from tests.conftest import tiny_clip_args
 from xmodal.cli import main
 from xmodal.contracts import count_params
 from xmodal.data.wds import WdsDataModule
-from xmodal.distiller import ConfigKeyError, Distiller, NonFiniteLossError, lr_lambda
+from xmodal.distiller import ConfigKeyError, Distiller, NonFiniteLossError, lr_lambda, param_groups
 from xmodal.losses import CLIPContrastiveLoss, FeatureMSELoss
 from xmodal.modalities.image import ImageModality
 from xmodal.modalities.text import TextModality
@@ -148,3 +148,16 @@ def test_cli_fit_runs_and_writes_config(shapes_dir: Path, tmp_path: Path, monkey
     saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text()) if list(tmp_path.rglob("config.yaml")) \
         else None
     assert saved is None or saved["model"]["student"]["class_path"].endswith("CLIPStudent")
+
+
+def test_param_lr_gives_matching_parameters_their_own_learning_rate() -> None:
+    from torch import nn
+
+    module = nn.ModuleDict({"student": nn.Linear(2, 2), "losses": nn.ModuleList([nn.Linear(1, 1)])})
+    module["student"].bias.requires_grad_(False)
+    groups = param_groups(module, {"losses.0": 1.0})
+    assert [len(g["params"]) for g in groups] == [1, 2]  # the student's trainable weight; the loss' weight + bias
+    assert "lr" not in groups[0] and groups[1]["lr"] == 1.0
+    assert len(param_groups(module, None)) == 1
+    with pytest.raises(ValueError, match="log_alpha"):
+        param_groups(module, {"log_alpha": 0.1})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import torch
@@ -82,15 +83,15 @@ class ZeroShotProbe(L.Callback):
         import json
 
         from xmodal.data.wds import make_pipeline
-        from xmodal.eval.zeroshot import evaluate_zeroshot
+        from xmodal.eval.zeroshot import DualEncoder, evaluate_zeroshot
         from xmodal.modalities.image import ImageModality
 
         step = trainer.global_step
         if self.history and self.history[-1]["step"] == step:
             return
         loader = make_pipeline(self.shards, [ImageModality(self.image_size)], self.batch_size, train=False)
-        result = evaluate_zeroshot(pl_module.student, loader, self.classnames, self.templates,
-                                   device=pl_module.device)
+        student = cast(DualEncoder, pl_module.student)
+        result = evaluate_zeroshot(student, loader, self.classnames, self.templates, device=pl_module.device)
         self.history.append({"step": step, "zeroshot_top1": float(result["top1"])})
         if log:
             pl_module.log("probe/zeroshot_top1", float(result["top1"]))

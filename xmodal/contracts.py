@@ -92,7 +92,16 @@ class DistillLoss(nn.Module):
         teacher_key: output key(s) read from the teacher, or ``None``.
         weight: multiplier in the total loss.
         name: name under which the term is logged; defaults to the class name in snake case.
+
+    Attributes:
+        batch_coupled: ``True`` when one sample's term depends on the other samples of the batch (in-batch
+            negatives, B x B affinities or Gram matrices, relations, batch-level transport). Such a loss changes
+            with the batch composition, so gradient accumulation over micro-batches is *not* equivalent to one
+            large batch, and the :class:`~xmodal.distiller.Distiller` warns when it is combined with
+            ``accumulate_grad_batches > 1``. Per-sample losses averaged over the batch leave it ``False``.
     """
+
+    batch_coupled: bool = False
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys | None = None, weight: float = 1.0, name: str | None = None

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, DistillLoss, Outputs, Teacher, key_list
@@ -45,6 +46,12 @@ class Distiller(L.LightningModule):
             ``"constant"`` (warm-up, then flat).
         warmup_steps: linear warm-up length in optimizer steps.
         check_finite: stop with :class:`NonFiniteLossError` naming the step and term on NaN/inf.
+        param_lr: learning rates for parameters whose qualified name contains a key, e.g.
+            ``{log_alpha: 0.05, lambda: 0.05}`` for pruning gates and Lagrange multipliers, which must move much
+            faster than the weights; the warm-up/cosine schedule scales every group alike.
+        teacher_dtype: cast a live teacher's weights to this dtype (``"bfloat16"`` halves its memory) and run it
+            under autocast in that dtype; its floating outputs come back as float32. ``None`` keeps its dtype. The
+            student's precision is the trainer's (``trainer.precision: bf16-mixed`` works on CPU too).
     """
 
     teacher: Teacher | None
@@ -58,6 +65,8 @@ class Distiller(L.LightningModule):
         scheduler: Literal["cosine", "constant"] = "cosine",
         warmup_steps: int = 0,
         check_finite: bool = True,
+        param_lr: dict[str, float] | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         super().__init__()
         if teacher is not None and not isinstance(teacher, Teacher):
@@ -69,6 +78,8 @@ class Distiller(L.LightningModule):
         self.scheduler = scheduler
         self.warmup_steps = warmup_steps
         self.check_finite = check_finite
+        self.param_lr = dict(param_lr or {})
+        self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         validate_keys(student, teacher, self.terms)
 
     @property
@@ -82,8 +93,12 @@ class Distiller(L.LightningModule):
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         if self.teacher is None or not any(loss.needs_teacher for loss in self.terms):
             return None
-        with torch.no_grad():
-            return self.teacher(batch)
+        if self.teacher_dtype is None or self.teacher_dtype == torch.float32:
+            with torch.no_grad():
+                return self.teacher(batch)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.teacher_dtype):
+            outputs = self.teacher(batch)
+        return {k: v.float() if torch.is_floating_point(v) else v for k, v in outputs.items()}
 
     def compute_losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         student_out = self.student(batch)
@@ -104,6 +119,7 @@ class Distiller(L.LightningModule):
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self._log_loss_metrics("train", batch_size)
         return total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -121,6 +137,13 @@ class Distiller(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self._log_loss_metrics(stage, batch_size)
+
+    def _log_loss_metrics(self, stage: str, batch_size: int) -> None:
+        """Log the extra values a loss left in its ``last_metrics`` dict (e.g. LIBS's kept fraction)."""
+        for loss in self.terms:
+            for key, value in getattr(loss, "last_metrics", {}).items():
+                self.log(f"{stage}/{loss.name}/{key}", value, batch_size=batch_size, sync_dist=stage != "train")
 
     def _check_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
         if torch.isfinite(total):
@@ -137,11 +160,24 @@ class Distiller(L.LightningModule):
 
     def _move_teacher(self) -> None:
         if isinstance(self.teacher, nn.Module):
-            self.teacher.to(self.device)
+            self.teacher.to(self.device, dtype=self.teacher_dtype)
             self.teacher.eval()
 
     def on_fit_start(self) -> None:
         self._move_teacher()
+        self._warn_batch_coupled()
+
+    def _warn_batch_coupled(self) -> None:
+        """Gradient accumulation equals one large batch only for per-sample losses; say so when it does not."""
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        coupled = [loss.name for loss in self.terms if loss.batch_coupled]
+        if accumulate > 1 and coupled:
+            rank_zero_warn(
+                f"accumulate_grad_batches={accumulate} with batch-coupled loss(es) {coupled}: these compare the "
+                f"samples of one micro-batch with each other, so accumulating is not the same as a batch "
+                f"{accumulate}x larger (fewer in-batch negatives/relations). Use a larger per-device batch or more "
+                "devices to grow the batch for them."
+            )
 
     def on_validation_start(self) -> None:
         self._move_teacher()
@@ -153,12 +189,31 @@ class Distiller(L.LightningModule):
         self._move_teacher()
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(param_groups(self, self.param_lr))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         schedule = lr_lambda(self.scheduler, self.warmup_steps, total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def param_groups(module: nn.Module, param_lr: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Trainable parameters as optimizer groups: one group per ``param_lr`` key, then the rest.
+
+    A parameter goes to the first key contained in its qualified name (``student.gates.mlp.log_alpha``,
+    ``losses.2.lambda1``) and gets that learning rate; the others use the optimizer's own ``lr``. Empty groups are
+    dropped; a key that matches nothing is an error, so a typo cannot silently train everything at one rate.
+    """
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for key, lr in (param_lr or {}).items():
+        params = [p for name, p in named if key in name and name not in taken]
+        if not params:
+            raise ValueError(f"param_lr key {key!r} matches no trainable parameter")
+        taken.update(name for name, _ in named if key in name)
+        groups.append({"params": params, "lr": lr})
+    rest = [p for name, p in named if name not in taken]
+    return ([{"params": rest}] if rest else []) + groups
 
 
 def lr_lambda(kind: str, warmup: int, total: int | None) -> Callable[[int], float]:

@@ -4,6 +4,8 @@ Workers only decode and collate (uint8 pixels, int16 audio, float16 cached outpu
 and non-blocking; :meth:`WdsDataModule.on_after_batch_transfer` then runs each modality's device-side
 transform (float conversion, augmentation), so the same code feeds a GPU from few cores and runs on a CPU.
 Corrupt samples are skipped and counted; the :class:`~xmodal.distiller.Distiller` logs the count per epoch.
+The training stream's position (epoch + samples consumed per worker and rank) is saved in checkpoints, so a run
+resumed mid-epoch sees no sample twice and skips none (see :mod:`xmodal.data.resume`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from torch.utils.data import DataLoader
 
 from xmodal.contracts import Batch, Modality
 from xmodal.data.decoders import collate_items, decode_sample
+from xmodal.data.resume import (
+    WORKER,
+    ResumableLoader,
+    SkipConsumed,
+    gather_positions,
+    position_for_rank,
+    rng_state,
+    set_rng_state,
+    tag_worker,
+)
 
 log = logging.getLogger(__name__)
 SKIPPED = "__skipped__"
@@ -96,7 +108,11 @@ def make_pipeline(
     shards: Shards, modalities: Sequence[Modality], batch_size: int, *, train: bool, shuffle_buffer: int = 1000,
     drop_last: bool = False, seed: int = 0,
 ) -> wds.DataPipeline:
-    """The WebDataset pipeline: shard list -> node split -> worker split -> tar samples -> (shuffle) -> batches."""
+    """The WebDataset pipeline: shard list -> node split -> worker split -> tar samples -> (shuffle) -> batches.
+
+    Training pipelines also carry the resume machinery: a :class:`~xmodal.data.resume.SkipConsumed` stage after the
+    shuffle and a ``__worker__`` tag on every batch.
+    """
     stages: list[Any] = [wds.SimpleShardList(expand_shards(shards))]
     if train:
         stages.append(wds.detshuffle(bufsize=100, initial=10, seed=seed))
@@ -104,7 +120,11 @@ def make_pipeline(
     if train and shuffle_buffer > 1:
         # seeded: webdataset's default seeds from pid and clock, which makes runs with the same seed differ
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+    if train:
+        stages.append(SkipConsumed())
     stages.append(SampleBatcher(modalities, batch_size, drop_last))
+    if train:
+        stages.append(tag_worker)
     return wds.DataPipeline(*stages)
 
 
@@ -143,6 +163,9 @@ class WdsDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.skipped_samples = 0
+        self.train_loader: ResumableLoader | None = None
+        self._resume_positions: list[dict[str, Any]] | None = None
+        self._resume_rng: dict[str, Any] | None = None
         for pattern in self.shards.values():
             if pattern is not None:
                 expand_shards(pattern)  # fail at configuration time, not after the first epoch
@@ -154,11 +177,40 @@ class WdsDataModule(L.LightningDataModule):
         train = split == "train"
         pipeline = make_pipeline(pattern, self.modalities, self.batch_size, train=train,
                                  shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.data_seed())
-        return DataLoader(
+        loader_type = ResumableLoader if train else DataLoader
+        loader = loader_type(
             pipeline, batch_size=None, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and train,
         )
+        if isinstance(loader, ResumableLoader):
+            self.train_loader = loader
+            self._apply_resume(loader)
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream position and RNG state (a collective under DDP, where all ranks save checkpoints)."""
+        if self.train_loader is None:
+            return {}
+        return {"train_positions": gather_positions({**self.train_loader.position(), "rng": rng_state()})}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_positions = state_dict.get("train_positions")
+
+    def _apply_resume(self, loader: ResumableLoader) -> None:
+        positions, self._resume_positions = self._resume_positions, None
+        if not positions:
+            return
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        position = position_for_rank(positions, rank, world)
+        if position is None:
+            return
+        self._resume_rng = position.get("rng")
+        if position.get("workers", self.num_workers) != self.num_workers:
+            log.warning("checkpoint stream position is for num_workers=%s, this run has %d: the interrupted epoch "
+                        "restarts from its beginning", position.get("workers"), self.num_workers)
+            position = {"epoch": position["epoch"], "consumed": {}}
+        loader.resume_from(position)
 
     def data_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -177,12 +229,19 @@ class WdsDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         skipped = int(batch.pop(SKIPPED, 0))
-        if self.trainer is None or self.trainer.training:  # evaluation skips are warned about, not counted here
+        worker = batch.pop(WORKER, None)
+        training = self.trainer is None or self.trainer.training
+        if training:  # evaluation skips are warned about, not counted here
             self.skipped_samples += skipped
+        if training and worker is not None and self.train_loader is not None:
+            self.train_loader.mark_consumed(int(worker), len(batch.get("__key__", ())) + skipped)
         return batch
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         train = self.trainer is not None and self.trainer.training
+        if train and self._resume_rng is not None:  # resumed run: augment as the interrupted run would have
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
         return prepare_on_device(batch, self.modalities, train)
 
 

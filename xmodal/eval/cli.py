@@ -6,6 +6,9 @@ Usage::
     xmodal eval zeroshot  --model NAME_OR_DIR --folder imagenet/val [--classes names.json] [--templates ...]
     xmodal eval retrieval --model NAME_OR_DIR --shards 'data/test-*.tar'
     xmodal eval retrieval --model NAME_OR_DIR --captions-json dataset_coco.json --image-root coco/ [--split test]
+    xmodal eval base2novel --model NAME_OR_DIR --split split.json (--shards 'data/test-*.tar' | --folder DIR)
+    xmodal eval asr       (--model NAME_OR_DIR | --config recipe.yaml [--checkpoint CKPT]) (--shards ... | --list FILE)
+                          [--beam-size 4] [--plot DIR]   (lip reading CER/WER; see xmodal.eval.asr)
 
 Results are printed as a table and as JSON (``--out`` also writes the JSON), in clip_benchmark's shape:
 ``{"task", "model", "dataset", "image_size", "metrics": {...}}``.
@@ -58,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "else every image; 'all' keeps every image)")
     add_common(retrieval)
     retrieval.set_defaults(subparser=retrieval)
+
+    from xmodal.eval.base2novel import add_base2novel_parser
+
+    add_base2novel_parser(tasks, add_model, add_common)
+
+    from xmodal.eval.asr import add_asr_parser
+
+    add_asr_parser(tasks)
     return parser
 
 
@@ -79,7 +90,16 @@ def eval_main(argv: Sequence[str]) -> None:
     """Entry point of ``xmodal eval``; bad arguments exit with status 2 and a message naming the flag."""
     args = build_parser().parse_args(list(argv))
     task: argparse.ArgumentParser = args.subparser  # errors are reported with the task's usage line
+    if args.task == "asr":
+        from xmodal.eval.asr import run_asr
+
+        run_asr(task, args)
+        return
     check_args(task, args)
+    if args.task == "base2novel":
+        from xmodal.eval.base2novel import base2novel_cli
+
+        return base2novel_cli(task, args)
     model = load_model(task, args.model)
     image_size = args.image_size or model_image_size(task, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,8 +4,17 @@ from xmodal.losses.augment import AugmentBatch, CutMixKD, HARDAugmenter, HARDCal
 from xmodal.losses.cka import CKALoss, linear_cka
 from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss, DCDLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
+from xmodal.losses.libs import (
+    CharCELoss,
+    CharCTCLoss,
+    FrameAligner,
+    LIBSContextLoss,
+    LIBSFrameLoss,
+    LIBSSequenceLoss,
+)
 from xmodal.losses.logits import DKDLoss, HardLabelLoss, JSDivLoss, KLDivLoss, ReverseKLLoss
 from xmodal.losses.masked import MaskedFeatureLoss, partial_forward, random_patch_mask
+from xmodal.losses.mixspeech import MixSpeechLoss, MixSpeechSchedule, mix_ratio
 from xmodal.losses.nd import NormDirectionLoss
 from xmodal.losses.ofa import OFALoss
 from xmodal.losses.ranking import DSELoss, MarginMSELoss
@@ -17,6 +26,15 @@ from xmodal.losses.taid import TAIDLoss
 from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback
 
 __all__ = [
+    "CharCELoss",
+    "CharCTCLoss",
+    "FrameAligner",
+    "LIBSContextLoss",
+    "LIBSFrameLoss",
+    "LIBSSequenceLoss",
+    "MixSpeechLoss",
+    "MixSpeechSchedule",
+    "mix_ratio",
     "AffinityMimicLoss",
     "AugmentBatch",
     "CutMixKD",

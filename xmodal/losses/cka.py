@@ -101,6 +101,8 @@ class CKALoss(DistillLoss):
         name: log name; defaults to ``"cka"``.
     """
 
+    batch_coupled = True  # CKA compares B x B Gram matrices of the whole batch
+
     def __init__(
         self, student_key: Keys, teacher_key: Keys, flatten: Flatten = "features", weight: float = 1.0,
         name: str | None = None,

@@ -21,6 +21,8 @@ class CLIPContrastiveLoss(DistillLoss):
     ``loss = (CE(logits, arange) + CE(logits.T, arange)) / 2`` with ``logits = scale * I @ T.T``.
     """
 
+    batch_coupled = True  # every sample's negatives are the other samples of the batch
+
     def __init__(
         self, student_key: Keys = ("image.emb", "text.emb", "logit_scale"), weight: float = 1.0,
         name: str | None = None, max_logit_scale: float = 100.0,
@@ -48,6 +50,8 @@ class AffinityMimicLoss(DistillLoss):
     soft cross-entropy ``-sum A_t log A_s`` averaged over both directions. Each model uses its own logit scale
     (read from its ``logit_scale`` output) unless ``temperature`` fixes one for both (``scale = 1 / temperature``).
     """
+
+    batch_coupled = True  # affinities are softmaxes over the other samples of the batch
 
     def __init__(
         self, student_key: Keys = ("image.emb", "text.emb", "logit_scale"),
@@ -149,6 +153,8 @@ class DCDLoss(DistillLoss):
         kl_weight: weight of the KL term inside this loss.
         temperature: fixed temperature for both models instead of their logit scales.
     """
+
+    batch_coupled = True  # in-batch contrastive terms and batch-normalised weights
 
     def __init__(
         self, student_key: Keys = ("image.emb", "text.emb", "logit_scale"),

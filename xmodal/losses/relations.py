@@ -104,6 +104,8 @@ class RKDLoss(DistillLoss):
         huber_delta: ``delta`` of the Huber loss.
     """
 
+    batch_coupled = True  # distances and angles between the samples of the batch
+
     def __init__(
         self, student_key: Keys, teacher_key: Keys, distance_weight: float = 1.0, angle_weight: float = 2.0,
         huber_delta: float = 1.0, weight: float = 1.0, name: str | None = None,
@@ -191,6 +193,8 @@ class TRGLoss(DistillLoss):
         num_nodes: most graph nodes per batch (cost is ``O(M^2)``); ``None`` uses every token.
         node_weight, edge_weight, context_weight: weights of the three terms.
     """
+
+    batch_coupled = True  # the token graph spans all samples of the batch
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None = None, teacher_dim: int | None = None,

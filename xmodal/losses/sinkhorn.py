@@ -107,6 +107,8 @@ class SinkhornLoss(DistillLoss):
     Cuturi, "Sinkhorn Distances", arXiv:1306.0895.
     """
 
+    batch_coupled = True  # mode="batch" transports between the samples of the batch
+
     def __init__(
         self, student_key: Keys, teacher_key: Keys, epsilon: float = 0.1, iterations: int = 20,
         temperature: float = 2.0, mode: Literal["batch", "sample"] = "batch", weight: float = 1.0,
@@ -121,6 +123,7 @@ class SinkhornLoss(DistillLoss):
         self.iterations = iterations
         self.temperature = temperature
         self.mode = mode
+        self.batch_coupled = mode == "batch"  # mode="sample" solves one problem per row
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
         log_ps, log_pt = soft_log_probs(s, t, self.temperature)

@@ -67,7 +67,9 @@ class SparsityLagrangianLoss(DistillLoss):
         return 1.0 + (self.target - 1.0) * progress
 
     def forward(self, s: Tensor, t: Any, batch: Batch) -> Tensor:
-        gap = s - self.current_target()
+        target = self.current_target()
+        gap = s - target
+        self.last_metrics = {"expected_kept": s.detach(), "target_kept": target}  # logged by the Distiller
         if self.training:
             self.step.add_(1)
         return grad_reverse(self.lambda1) * gap + grad_reverse(self.lambda2) * gap**2

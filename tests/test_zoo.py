@@ -134,3 +134,17 @@ def test_top_level_exports_and_cheap_import() -> None:
     assert xmodal.register_model is register_model
     code = "import sys, xmodal; assert 'torch' not in sys.modules, 'import xmodal pulled in torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_save_pretrained_handles_a_buffer_that_views_part_of_its_storage(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from xmodal.zoo.registry import save_pretrained
+
+    model = nn.Linear(3, 2)
+    model.register_buffer("window", torch.arange(5.0)[:4])  # like torch.hann_window: a view of a longer storage
+    save_pretrained(model, {"in_features": 3, "out_features": 2}, tmp_path / "m")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "m" / "model.safetensors"))["window"], torch.arange(4.0))

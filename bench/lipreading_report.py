@@ -1,0 +1,221 @@
+"""Pure helpers of the lip-reading benchmark: mean +- std over seeds, the comparison with LIBS's reported gains,
+the cost estimate from smoke timings, and the Markdown report (``bench/results/lipreading.md``).
+
+Error rates are stored as fractions (0.25) and shown in points (25.0), as the papers do.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PAPER_CER_GAINS: dict[str, float] = {"CMLR": 7.66, "LRS2": 2.75}  # LIBS (AAAI 2020): CER points, alone - LIBS
+LABELS: dict[str, str] = {
+    "student_alone": "1. lip reader alone",
+    "libs_frame": "2. + frame level",
+    "libs_context": "3. + context level",
+    "libs_sequence": "4. + sequence level",
+    "libs_full": "5. full LIBS",
+    "libs_no_filter": "6. LIBS without filtering",
+    "mixspeech": "7. MixSpeech",
+    "libs_interpolate": "(extra) full LIBS, interpolated frame alignment",
+}
+TEACHER_LABELS: dict[str, str] = {
+    "whisper_zero_shot": "Whisper tiny.en, zero-shot",
+    "whisper_adapted": "Whisper tiny.en, adapted",
+    "conformer": "conformer from scratch (CTC greedy)",
+}
+SUBSETS = ("all", "seen", "unseen")
+METRICS = ("greedy_cer", "greedy_wer", "beam_cer", "beam_wer")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value).
+
+    Raises:
+        ValueError: for no values.
+    """
+    if not values:
+        raise ValueError("mean_std of no values")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_pm(stats: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``(0.253, 0.012)`` -> ``"25.3 ± 1.2"``; ``None`` -> ``"–"``."""
+    if stats is None:
+        return "–"
+    return f"{stats[0] * scale:.{digits}f} ± {stats[1] * scale:.{digits}f}"
+
+
+def seed_values(runs: Mapping[str, Any], method: str, subset: str, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one metric over the finished runs ``"<method>/seed<k>"``."""
+    values = {}
+    for key, run in runs.items():
+        name, _, seed = key.partition("/seed")
+        value = run.get("eval", {}).get(subset, {}).get(metric)
+        if name == method and value is not None:
+            values[int(seed)] = float(value)
+    return values
+
+
+def aggregate(runs: Mapping[str, Any], methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{method: {subset: {metric: (mean, std), "n": seeds}}}`` over the runs present."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for method in methods:
+        for subset in SUBSETS:
+            for metric in METRICS:
+                values = seed_values(runs, method, subset, metric)
+                if values:
+                    cell = table.setdefault(method, {}).setdefault(subset, {"n": len(values)})
+                    cell[metric] = mean_std(list(values.values()))
+    return table
+
+
+def compare_with_paper(runs: Mapping[str, Any], metric: str = "greedy_cer", subset: str = "all") -> dict[str, Any]:
+    """Our CER gain (student alone - full LIBS, in points, paired by seed) against LIBS's reported gains.
+
+    Returns:
+        ``{"seeds", "gain_points": (mean, std) or None, "paper": {name: {"gain_points", "ratio"}}, "verdict"}``.
+    """
+    alone = seed_values(runs, "student_alone", subset, metric)
+    full = seed_values(runs, "libs_full", subset, metric)
+    seeds = sorted(set(alone) & set(full))
+    out: dict[str, Any] = {"metric": metric, "subset": subset, "seeds": seeds, "gain_points": None, "paper": {}}
+    if not seeds:
+        out["verdict"] = "not measured: no seed has both the student-alone and the full-LIBS run"
+        return out
+    gains = [100.0 * (alone[s] - full[s]) for s in seeds]
+    gain, spread = mean_std(gains)
+    out["gain_points"] = (gain, spread)
+    for name, paper in PAPER_CER_GAINS.items():
+        out["paper"][name] = {"gain_points": paper, "ratio": gain / paper}
+    out["verdict"] = gain_verdict(gain, spread, len(seeds))
+    return out
+
+
+def gain_verdict(gain: float, spread: float, n: int) -> str:
+    """A one-line reading of a paired gain in CER points (mean, std over ``n`` seeds)."""
+    if gain <= 0:
+        return f"no gain: full LIBS is {-gain:.2f} CER points worse than (or equal to) the lip reader alone"
+    if n < 2:
+        return f"gain of {gain:.2f} CER points from a single seed: no estimate of seed noise, not conclusive"
+    if gain <= spread:
+        return f"gain of {gain:.2f} CER points is within seed noise (paired std {spread:.2f}): not a clear gain"
+    return f"gain of {gain:.2f} ± {spread:.2f} CER points over {n} seeds"
+
+
+def estimate_stage(seconds: float, steps: int, step_s: float | None, full_steps: int, batch_ratio: float) -> float:
+    """Seconds of a training stage at ``full_steps``: its fixed overhead (load, validation) plus the median step
+    time scaled by the batch-size ratio (linear in the batch, a rough assumption). Without a step time, linear."""
+    if step_s is None or steps <= 0:
+        return seconds * full_steps / max(steps, 1)
+    overhead = max(0.0, seconds - steps * step_s)
+    return overhead + full_steps * step_s * batch_ratio
+
+
+def estimate_full_cost(timings: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, float]:
+    """Estimated seconds per stage of the full run, from smoke timings (see :func:`estimate_stage`).
+
+    ``timings``: ``{"adapt"|"conformer"|<method>: {"seconds", "steps", "step_s"}, "eval_s_per_utt",
+    "teacher_eval_s_per_utt"}``. ``plan``: ``steps``, ``adapt_steps``, ``conformer_steps``, ``seeds`` (count),
+    ``batch_ratio`` (full / smoke batch; ``stage_batch_ratio`` per teacher stage), ``test_utterances``,
+    ``evals_per_run`` (passes over the test set per student).
+    """
+    ratio = float(plan["batch_ratio"])
+    cost: dict[str, float] = {}
+    for stage, steps_key in (("adapt", "adapt_steps"), ("conformer", "conformer_steps")):
+        if stage in timings:
+            t = timings[stage]
+            stage_ratio = float(plan.get("stage_batch_ratio", {}).get(stage, ratio))
+            cost[stage] = estimate_stage(t["seconds"], t["steps"], t.get("step_s"), int(plan[steps_key]), stage_ratio)
+    for method in plan["methods"]:
+        t = timings.get(method)
+        if t is not None:
+            one = estimate_stage(t["seconds"], t["steps"], t.get("step_s"), int(plan["steps"]), ratio)
+            cost[method] = one * int(plan["seeds"])
+    per_utt = float(timings.get("eval_s_per_utt", 0.0))
+    cost["student_eval"] = per_utt * plan["test_utterances"] * plan["evals_per_run"] * plan["seeds"] * len(
+        plan["methods"])
+    cost["teacher_eval"] = float(timings.get("teacher_eval_s_per_utt", 0.0)) * plan["test_utterances"] * 3
+    cost["total"] = sum(cost.values())
+    return cost
+
+
+def student_table(table: Mapping[str, Any], methods: Sequence[str], subset: str) -> list[str]:
+    """Markdown rows: method, seeds, greedy CER/WER, beam CER/WER (mean ± std, points)."""
+    lines = ["| method | seeds | greedy CER | greedy WER | beam CER | beam WER |", "|---|---|---|---|---|---|"]
+    for method in methods:
+        cell = table.get(method, {}).get(subset)
+        if cell is None:
+            lines.append(f"| {LABELS.get(method, method)} | 0 | – | – | – | – |")
+            continue
+        values = " | ".join(format_pm(cell.get(m)) for m in METRICS)
+        lines.append(f"| {LABELS.get(method, method)} | {cell['n']} | {values} |")
+    return lines
+
+
+def teacher_table(teachers: Mapping[str, Any]) -> list[str]:
+    """Markdown rows of the teachers' audio CER/WER (greedy), all / seen / unseen sentences."""
+    lines = ["| teacher (audio) | CER all | WER all | CER seen | WER seen | CER unseen | WER unseen | utt |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in teachers.items():
+        cells = []
+        for subset in SUBSETS:
+            rates = entry.get(subset, {})
+            cells += [f"{100 * rates[m]:.1f}" if m in rates else "–" for m in ("cer", "wer")]
+        utts = entry.get("all", {}).get("utterances", "–")
+        lines.append(f"| {TEACHER_LABELS.get(name, name)} | {' | '.join(cells)} | {utts} |")
+    return lines
+
+
+def comparison_lines(comparison: Mapping[str, Any]) -> list[str]:
+    """The paragraph comparing our gain with LIBS's −7.66 (CMLR) / −2.75 (LRS2) CER points."""
+    lines = [f"Gain = CER(lip reader alone) − CER(full LIBS), {comparison['metric']} on the {comparison['subset']} "
+             f"test set, paired by seed ({len(comparison['seeds'])} seed(s)). LIBS reports "
+             + ", ".join(f"−{v} points on {k}" for k, v in PAPER_CER_GAINS.items()) + "."]
+    if comparison["gain_points"] is None:
+        return lines + ["", f"**{comparison['verdict']}**"]
+    gain, spread = comparison["gain_points"]
+    lines += ["", "| | CER gain (points) | ours / paper |", "|---|---|---|", f"| ours | {gain:.2f} ± {spread:.2f} | |"]
+    for name, paper in comparison["paper"].items():
+        lines.append(f"| LIBS, {name} | {paper['gain_points']:.2f} | {paper['ratio']:.2f} |")
+    return lines + ["", f"**Reading:** {comparison['verdict']}."]
+
+
+def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
+    """The whole report."""
+    cfg, runs = results["config"], results.get("runs", {})
+    table = aggregate(runs, methods)
+    out = ["# Lip-reading benchmark (LIBS, MixSpeech)", ""]
+    if cfg.get("smoke"):
+        out += ["> **SMOKE RUN: not a measurement.** A few steps on the tiny corpus, to check the pipeline end to "
+                "end. The numbers below mean nothing about the methods.", ""]
+    out += [f"Corpus `{cfg['data']}` (AVSpeech-GRID, synthetic), {cfg['steps']} optimizer steps per student, seeds "
+            f"{cfg['seeds']}, batch {cfg['batch_size']}, Whisper adapted for {cfg['adapt_steps']} steps, conformer "
+            f"teacher {cfg['conformer_steps']} steps, beam {cfg['beam_size']}, device `{cfg['device']}`. Error rates "
+            "in points (mean ± sample std over seeds), corpus CER/WER after transcript normalisation.", ""]
+    for subset, title in (("all", "Test set"), ("seen", "Seen sentences (test speakers, training sentences)"),
+                          ("unseen", "Unseen sentences (held-out sentences)")):
+        if any(subset in table.get(m, {}) for m in methods):
+            out += [f"## {title}", ""] + student_table(table, methods, subset) + [""]
+    out += ["## Teachers (audio)", ""] + teacher_table(results.get("teachers", {})) + [""]
+    out += ["## Against LIBS's reported gains", ""] + comparison_lines(compare_with_paper(runs)) + [""]
+    cache = results.get("cache", {})
+    out += ["## Teacher outputs: cache or live", "", cache.get("note", "–"), ""]
+    if results.get("alignment_png"):
+        out += ["## Learned alignment (full LIBS, first seed)", "", f"![alignment]({results['alignment_png']})", ""]
+    if results.get("estimate"):
+        out += ["## Estimated cost of the full run (ESTIMATE from smoke timings, not a measurement)", "",
+                "| stage | estimated hours |", "|---|---|"]
+        out += [f"| {k} | {v / 3600:.2f} |" for k, v in results["estimate"].items()] + [""]
+    return "\n".join(out)
+
+
+def write_report(results: Mapping[str, Any], methods: Sequence[str], out: Path) -> Path:
+    """Write ``out.md`` and return its path."""
+    path = out.with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(results, methods))
+    return path

@@ -1,0 +1,113 @@
+"""The lip-reading benchmark's pure helpers: mean ± std, the table, the comparison with LIBS's gains, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.lipreading import rewrite, scale_schedule
+from bench.lipreading_report import (
+    aggregate,
+    compare_with_paper,
+    estimate_stage,
+    format_pm,
+    gain_verdict,
+    markdown,
+    mean_std,
+    student_table,
+)
+
+
+def run(greedy_cer: float, seen: float | None = None) -> dict:
+    metrics = {"all": {"greedy_cer": greedy_cer, "greedy_wer": 2 * greedy_cer}}
+    if seen is not None:
+        metrics["seen"] = {"greedy_cer": seen}
+    return {"eval": metrics}
+
+
+RUNS = {
+    "student_alone/seed0": run(0.30, seen=0.2), "student_alone/seed1": run(0.34), "student_alone/seed2": run(0.32),
+    "libs_full/seed0": run(0.25), "libs_full/seed1": run(0.27), "libs_full/seed2": run(0.29),
+}
+
+
+def test_mean_std_uses_the_sample_std() -> None:
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_format_pm_shows_points() -> None:
+    assert format_pm((0.2534, 0.0121)) == "25.3 ± 1.2"
+    assert format_pm(None) == "–"
+
+
+def test_aggregate_groups_by_method_subset_and_metric() -> None:
+    table = aggregate(RUNS, ["student_alone", "libs_full", "mixspeech"])
+    mean, std = table["student_alone"]["all"]["greedy_cer"]
+    assert math.isclose(mean, 0.32) and math.isclose(std, 0.02)
+    assert table["student_alone"]["all"]["n"] == 3
+    assert table["student_alone"]["seen"] == {"n": 1, "greedy_cer": (0.2, 0.0)}
+    assert "beam_cer" not in table["libs_full"]["all"]
+    assert "mixspeech" not in table
+
+
+def test_student_table_rows() -> None:
+    rows = student_table(aggregate(RUNS, ["student_alone", "mixspeech"]), ["student_alone", "mixspeech"], "all")
+    assert rows[2] == "| 1. lip reader alone | 3 | 32.0 ± 2.0 | 64.0 ± 4.0 | – | – |"
+    assert rows[3] == "| 7. MixSpeech | 0 | – | – | – | – |"
+
+
+def test_compare_with_paper_pairs_seeds() -> None:
+    comparison = compare_with_paper(RUNS)
+    gain, spread = comparison["gain_points"]
+    assert comparison["seeds"] == [0, 1, 2]
+    assert math.isclose(gain, 5.0) and math.isclose(spread, 2.0)  # per-seed gains 5, 7, 3 points
+    assert math.isclose(comparison["paper"]["CMLR"]["ratio"], 5.0 / 7.66)
+    assert math.isclose(comparison["paper"]["LRS2"]["ratio"], 5.0 / 2.75)
+    assert comparison["verdict"].startswith("gain of 5.00 ± 2.00")
+
+
+def test_compare_with_paper_without_pairs() -> None:
+    comparison = compare_with_paper({"student_alone/seed0": run(0.3), "libs_full/seed1": run(0.2)})
+    assert comparison["gain_points"] is None and comparison["verdict"].startswith("not measured")
+
+
+def test_gain_verdict_says_when_there_is_no_gain() -> None:
+    assert gain_verdict(-1.5, 0.5, 3).startswith("no gain")
+    assert "within seed noise" in gain_verdict(0.5, 1.0, 3)
+    assert "single seed" in gain_verdict(2.0, 0.0, 1)
+
+
+def test_markdown_flags_smoke_runs() -> None:
+    config = {"data": "d", "steps": 2, "seeds": [0], "batch_size": 4, "adapt_steps": 2, "conformer_steps": 2,
+              "beam_size": 2, "device": "cpu", "smoke": True}
+    text = markdown({"config": config, "runs": RUNS, "teachers": {"conformer": {"all": {"cer": 0.1, "wer": 0.2}}}},
+                    ["student_alone", "libs_full"])
+    assert "SMOKE RUN: not a measurement" in text
+    assert "| conformer from scratch (CTC greedy) | 10.0 | 20.0 | – | – | – | – | – |" in text
+    assert "| LIBS, CMLR | 7.66 | 0.65 |" in text
+
+
+def test_estimate_stage_separates_overhead_from_steps() -> None:
+    assert math.isclose(estimate_stage(12.0, 2, 1.0, 100, 4.0), 10.0 + 400.0)
+    assert math.isclose(estimate_stage(12.0, 2, None, 100, 4.0), 600.0)
+
+
+def test_scale_schedule_shrinks_warmup_and_ramp_only() -> None:
+    config = {"trainer": {"max_steps": 6000, "val_check_interval": 500, "callbacks": [
+        {"class_path": "MixSpeechSchedule", "init_args": {"steps": 4000, "hold": 500}}]},
+        "model": {"warmup_steps": 500}}
+    scale_schedule(config, 600)
+    assert config["trainer"]["max_steps"] == 600 and config["model"]["warmup_steps"] == 50
+    assert config["trainer"]["callbacks"][0]["init_args"] == {"steps": 400, "hold": 50}
+    scale_schedule(config, 1200)  # longer than the recipe's (now 600): nothing grows
+    assert config["model"]["warmup_steps"] == 50 and config["trainer"]["max_steps"] == 1200
+
+
+def test_rewrite_prefers_the_longest_prefix() -> None:
+    mapping = {"runs/models/whisper-tiny-en": "/zs", "runs/models/whisper-tiny-en-grid": "/ad"}
+    assert rewrite({"a": ["runs/models/whisper-tiny-en-grid", "runs/models/whisper-tiny-en"]}, mapping) == {
+        "a": ["/ad", "/zs"]}

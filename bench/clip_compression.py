@@ -193,6 +193,16 @@ def run_progressive(corpus: Corpus, run: str, seed: int, steps: int, probe_every
     return seconds
 
 
+def merge_runs(results: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s runs (from a parallel invocation with the same step budget) into ``results``."""
+    if other["steps"] != results["steps"]:
+        raise ValueError(f"cannot merge runs of {other['steps']} steps into runs of {results['steps']} steps")
+    for name, entry in other["corpora"].items():
+        target = results["corpora"].setdefault(name, {k: v for k, v in entry.items() if k != "runs"} | {"runs": {}})
+        target["runs"].update(entry["runs"])
+    results["seeds"] = sorted(set(results["seeds"]) | set(other["seeds"]))
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -222,10 +232,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", nargs="+", default=[], metavar="CORPUS=DIR",
                         help="reuse a teacher trained from teacher.yaml on the same data: shapes=runs/demo/teacher")
     parser.add_argument("--latency-only", action="store_true", help="re-time latency of the exported models")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="results JSON files of parallel runs (same --steps) whose runs are added, then report")
     args = parser.parse_args(argv)
     from bench.clip_compression_report import measure_latency, report
 
     json_path = args.out.with_suffix(".json")
+    if args.merge:
+        results = json.loads(json_path.read_text())
+        for other in args.merge:
+            merge_runs(results, json.loads(other.read_text()))
+        report(results, args.out)
+        return
     if args.latency_only:
         results = json.loads(json_path.read_text())
         measure_latency(results)

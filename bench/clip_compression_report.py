@@ -152,7 +152,18 @@ def report(results: dict[str, Any], out: Path) -> None:
     header = (f"# CLIP compression benchmark\n\n`python -m bench.clip_compression` — {results['steps']} optimizer "
               f"steps per student, seeds {results['seeds']}, mean ± std over seeds. Plot: "
               f"[clip_compression.png](clip_compression.png).\n")
-    text = header + "\n" + "\n\n".join(sections) + "\n"
+    notes = ("Columns: zero-shot top-1 and R@1 on the test split (R@1 counts a caption identical to the image's own "
+             "as a match); params of the whole CLIP; CPU latency = ms/image of the image tower at batch 64, one "
+             "thread, relative to the teacher; steps = first probe (every "
+             f"{results['probe_every']} steps) where the seed-mean zero-shot curve reaches the scratch students' mean "
+             "final accuracy; train s = wall seconds, measured while other jobs loaded this 2-core machine, so not "
+             "comparable between rows.")
+    text = header + "\n" + notes + "\n\n" + "\n\n".join(sections) + "\n"
+    throughput = out.parent / "clip_compression_throughput.md"
+    if throughput.is_file():
+        text += ("\n### Throughput against open_clip_train --distill-model (shapes, live teacher, batch 128, CPU)\n\n"
+                 "`python -m bench.openclip_throughput` (see its docstring for the method)\n\n"
+                 + throughput.read_text())
     out.with_suffix(".md").write_text(text)
     plot(results, out.with_suffix(".png"))
     print(text)

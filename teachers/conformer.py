@@ -26,7 +26,7 @@ def load_conformer(path: str | Path) -> ConformerASR:
     checkpoint's ``hyper_parameters``/``conformer_config``)."""
     path = Path(path)
     file = path / EXPORT_FILE if path.is_dir() else path
-    data = torch.load(file, map_location="cpu", weights_only=False)
+    data = torch.load(file, map_location="cpu", weights_only=True)
     if "config" in data:
         model = ConformerASR(**data["config"])
         model.load_state_dict(data["state_dict"])

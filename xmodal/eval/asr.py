@@ -198,7 +198,7 @@ def load_distiller(config: str | Path, checkpoint: str | Path | None = None) -> 
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     distiller = instantiate(parsed).model
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         distiller.load_state_dict(state.get("state_dict", state))
     return distiller
 

@@ -61,8 +61,8 @@ NOTES = [
     "depend on weights, except greedy decoding length); Whisper is the real tiny.en.",
     "Lip reading: the recipe's adapted teacher (runs/models/whisper-tiny-en-grid) is replaced by the plain Whisper "
     "tiny.en it is fine-tuned from (same architecture).",
-    "The teacher runs under torch.no_grad (Distiller.teacher_outputs), not inference_mode; section 1 checks that its "
-    "outputs keep no autograd graph.",
+    "The teacher runs under torch.inference_mode (Distiller.teacher_outputs; its outputs are copied out once so "
+    "that losses may save them for backward); section 1 checks that its outputs keep no autograd graph.",
 ]
 
 
@@ -223,7 +223,7 @@ def section_overhead(ctx: Context) -> dict[str, Any]:
     with torch.no_grad():
         outputs = model.teacher_outputs(parts.to_device(batches[0], ctx.device))
         result["teacher_outputs_grad_free"] = parts.grad_free(outputs or {})
-    result["teacher_context"] = "torch.no_grad (Distiller.teacher_outputs), not torch.inference_mode"
+    result["teacher_context"] = "torch.inference_mode (Distiller.teacher_outputs), outputs copied out once"
     if result["ratio"] > 1.05 or ctx.smoke:  # the smoke run exercises the profile path
         profile = cProfile.Profile()
         parts.time_fit(model, batches, s["warmup"], ctx.accelerator, clip, profiler=profile)

@@ -17,6 +17,20 @@ from torch import nn
 from xmodal.contracts import CACHE_PREFIX, Batch, Outputs, Teacher
 
 MANIFEST = "manifest.json"
+TOPV, TOPI = ".topv", ".topi"  # top-k log-probabilities and their indices, for logits cached with ``top_k``
+
+
+def dense_from_top_k(values: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Dense log-probabilities over ``size`` entries from the ``k`` largest ones (``... x k``).
+
+    The probability mass outside the top k is spread evenly over the other ``size - k`` entries, so the result is
+    a normalised distribution whose top-k entries are exact.
+    """
+    values = values.float()
+    outside = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
+    floor = torch.log(outside / max(size - values.shape[-1], 1))
+    dense = floor.expand(*values.shape[:-1], size).clone()
+    return dense.scatter_(-1, indices.long(), values)
 
 
 class CacheMismatchError(ValueError):
@@ -45,12 +59,21 @@ class CachedTeacher(nn.Module, Teacher):
             check_manifest(self.cache_manifest["teacher_manifest"], teacher.manifest(), self.manifest_path)
         self.output_keys = tuple(self.cache_manifest["teacher_manifest"]["output_keys"])
         self.constants: dict[str, float] = dict(self.cache_manifest.get("constants", {}))
+        self.top_k: dict[str, dict[str, int]] = dict(self.cache_manifest.get("top_k", {}))
 
     def forward(self, batch: Batch) -> Outputs:
-        missing = [k for k in self.output_keys if k not in self.constants and CACHE_PREFIX + k not in batch]
+        fields = {k: [k + TOPV, k + TOPI] if k in self.top_k else [k] for k in self.output_keys
+                  if k not in self.constants}
+        missing = [f for names in fields.values() for f in names if CACHE_PREFIX + f not in batch]
         if missing:
             raise KeyError(f"batch has no cached teacher outputs {missing}; train on the shards `xmodal cache` wrote")
-        outputs = {k: batch[CACHE_PREFIX + k].float() for k in self.output_keys if k not in self.constants}
+        outputs = {}
+        for key in fields:
+            if key in self.top_k:
+                outputs[key] = dense_from_top_k(batch[CACHE_PREFIX + key + TOPV], batch[CACHE_PREFIX + key + TOPI],
+                                                self.top_k[key]["size"])
+            else:
+                outputs[key] = batch[CACHE_PREFIX + key].float()
         device = next(iter(outputs.values())).device if outputs else None
         outputs.update({k: torch.tensor(v, device=device) for k, v in self.constants.items()})
         return outputs

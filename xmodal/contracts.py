@@ -14,8 +14,8 @@ Outputs
     teacher output with a student output is only naming. ``logit_scale`` is the one key without a modality.
 
 Teachers
-    Frozen, ``eval()`` forever, run under ``torch.no_grad``, and do their own preprocessing (tokenizer,
-    normalisation, resolution, sample rate). They are never saved in student checkpoints.
+    Frozen, ``eval()`` forever, run under ``torch.inference_mode`` by the Distiller, and do their own
+    preprocessing (tokenizer, normalisation, resolution, sample rate). They are never saved in student checkpoints.
 
 Losses
     A :class:`DistillLoss` reads ``student_key`` from the student's outputs and ``teacher_key`` from the

@@ -93,12 +93,13 @@ class Distiller(L.LightningModule):
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         if self.teacher is None or not any(loss.needs_teacher for loss in self.terms):
             return None
-        if self.teacher_dtype is None or self.teacher_dtype == torch.float32:
-            with torch.no_grad():
-                return self.teacher(batch)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.teacher_dtype):
+        low_precision = self.teacher_dtype is not None and self.teacher_dtype != torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.teacher_dtype,
+                                                    enabled=low_precision):
             outputs = self.teacher(batch)
-        return {k: v.float() if torch.is_floating_point(v) else v for k, v in outputs.items()}
+        # Inference tensors cannot be saved for the student's backward pass: one copy out of inference mode (the
+        # teacher's activations are still never kept).
+        return {k: _out_of_inference(v, low_precision) for k, v in outputs.items()}
 
     def compute_losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         student_out = self.student(batch)
@@ -260,3 +261,11 @@ def batch_size_of(batch: Batch) -> int:
         if isinstance(value, list):
             return len(value)
     return 1
+
+
+def _out_of_inference(value: Any, to_float: bool) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    if to_float and torch.is_floating_point(value):
+        return value.to(torch.float32, copy=True)
+    return value.clone()

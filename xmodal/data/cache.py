@@ -5,6 +5,13 @@ output folder gets ``manifest.json`` with the teacher's identity (its :meth:`man
 the dtype and the sample count. :class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
 does not match the configured teacher. Outputs are computed on the un-augmented samples (the modalities'
 evaluation transform), so a cache is only valid for training without teacher-side augmentation.
+
+Logits over a large vocabulary (Whisper's 51,864 tokens at every decoder position) are mostly storage for
+near-zero probabilities: ``top_k={"audio.logits": 64}`` keeps each position's ``k`` largest log-probabilities
+(float16, ``.topv``) and their indices (int32, ``.topi``) instead, and :class:`~xmodal.teachers.cached.CachedTeacher`
+rebuilds dense log-probabilities with the remaining mass spread evenly over the other entries
+(:func:`~xmodal.teachers.cached.dense_from_top_k`). At temperature 1 the top-k probabilities are then exact; at other
+temperatures the tail is an approximation.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ from xmodal.contracts import Modality, Teacher
 from xmodal.data.decoders import CACHE_FIELD_PREFIX, collate_items, decode_sample
 from xmodal.data.shards import shard_pattern, write_shards
 from xmodal.data.wds import expand_shards, prepare_on_device
-from xmodal.teachers.cached import MANIFEST
+from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
+
+
+def teacher_output_keys(teacher: torch.nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(teacher, "output_keys", ()))
 
 CACHE_DTYPE = np.float16
 
@@ -41,23 +52,34 @@ def _raw_batches(shards: str, batch_size: int) -> Iterator[list[dict[str, Any]]]
         yield chunk
 
 
+def _to_arrays(outputs: dict[str, torch.Tensor], top_k: dict[str, int], stats: dict[str, Any]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, value in outputs.items():
+        if value.dim() == 0:  # batch-independent scalars such as logit_scale go to the manifest
+            stats["constants"][key] = float(value)
+        elif key in top_k:
+            size = value.shape[-1]
+            k = min(top_k[key], size)
+            values, indices = value.float().log_softmax(-1).topk(k, dim=-1)
+            stats["top_k"][key] = {"k": k, "size": size}
+            arrays[key + TOPV] = values.cpu().numpy().astype(CACHE_DTYPE)
+            arrays[key + TOPI] = indices.to(torch.int32).cpu().numpy()
+        else:
+            arrays[key] = value.detach().float().cpu().numpy().astype(CACHE_DTYPE)
+    return arrays
+
+
 def _with_outputs(
     teacher: torch.nn.Module, modalities: Sequence[Modality], shards: str, batch_size: int, device: str,
-    stats: dict[str, Any],
+    stats: dict[str, Any], top_k: dict[str, int],
 ) -> Iterator[dict[str, Any]]:
     progress = tqdm(desc="caching teacher outputs", unit="sample")
     for raw in _raw_batches(shards, batch_size):
         batch = collate_items([decode_sample(s, modalities) for s in raw], modalities)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = prepare_on_device(batch, modalities, train=False)
-        with torch.no_grad():
-            outputs = teacher(batch)
-        arrays = {}
-        for key, value in outputs.items():
-            if value.dim() == 0:  # batch-independent scalars such as logit_scale go to the manifest
-                stats["constants"][key] = float(value)
-            else:
-                arrays[key] = value.detach().float().cpu().numpy().astype(CACHE_DTYPE)
+        with torch.inference_mode():
+            arrays = _to_arrays(teacher(batch), top_k, stats)
         for i, sample in enumerate(raw):
             for key, array in arrays.items():
                 sample[f"{CACHE_FIELD_PREFIX}{key}.npy"] = array[i]
@@ -69,17 +91,24 @@ def _with_outputs(
 
 def cache_teacher(
     teacher: torch.nn.Module, modalities: Sequence[Modality], shards: str, out: str | Path, *, batch_size: int = 64,
-    shard_size: int = 1000, prefix: str | None = None, device: str = "cpu",
+    shard_size: int = 1000, prefix: str | None = None, device: str = "cpu", top_k: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/<prefix>-NNNNNN.tar`` with the teacher's outputs and ``out/manifest.json``; return the manifest."""
+    """Write ``out/<prefix>-NNNNNN.tar`` with the teacher's outputs and ``out/manifest.json``; return the manifest.
+
+    ``top_k``: output keys holding logits (last dim = vocabulary) to store as their ``k`` largest log-probabilities.
+    """
+    top_k = dict(top_k or {})
+    if top_k and not set(top_k) <= set(teacher_output_keys(teacher)):
+        raise ValueError(f"top_k names {sorted(set(top_k) - set(teacher_output_keys(teacher)))}, which the teacher "
+                         f"does not output (it outputs {sorted(teacher_output_keys(teacher))})")
     if not isinstance(teacher, Teacher):
         raise TypeError(f"{type(teacher).__name__} is not a Teacher: it needs output_keys and manifest()")
     teacher.to(device).eval()
     out = Path(out)
     prefix = prefix or Path(expand_shards(shards)[0]).name.rsplit("-", 1)[0]
-    stats: dict[str, Any] = {"count": 0, "constants": {}}
+    stats: dict[str, Any] = {"count": 0, "constants": {}, "top_k": {}}
     started = time.perf_counter()
-    paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats), out, prefix,
+    paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats, top_k), out, prefix,
                          max_count=shard_size)
     manifest = {
         "teacher_manifest": teacher.manifest(),
@@ -88,6 +117,7 @@ def cache_teacher(
         "dtype": "float16",
         "count": stats["count"],
         "constants": stats["constants"],
+        "top_k": stats["top_k"],
         "seconds": round(time.perf_counter() - started, 3),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

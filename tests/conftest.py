@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY_VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 TINY_TEXT = {"context_length": 16, "width": 32, "heads": 2, "layers": 1, "pool_type": "eos", "eos_id": 3, "pad_id": 0}
 
@@ -35,3 +36,17 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_clip_args(tokenizer: str | Path, embed_dim: int = 16) -> dict[str, Any]:
     return {"embed_dim": embed_dim, "vision_cfg": dict(TINY_VISION), "text_cfg": dict(TINY_TEXT),
             "tokenizer": str(tokenizer)}
+
+
+def build_tiny_workspace(cache_device: str = "cpu") -> None:
+    """In the current directory: what the tiny configs point at, built the way a user would build it."""
+    from xmodal.cli import main
+    from xmodal.data.corpora import make_corpus
+    from xmodal.students.clip import CLIPStudent, save_open_clip_dir
+
+    make_corpus("shapes", "runs/data/shapes-tiny", image_size=16, n_train=48, n_val=16, n_test=16, shard_size=24,
+                progress=False)
+    torch.manual_seed(0)
+    save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), "runs/tiny/clip_teacher")
+    main(["cache", "--config", str(ROOT / "configs/tiny/cache/clip.yaml"), "--device", cache_device])
+    make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4, progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_clip_args
+from tests.conftest import build_tiny_workspace, tiny_clip_args
 from xmodal.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,19 +20,11 @@ TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A working directory holding what the tiny configs point at, built the way a user would build it."""
-    from xmodal.data.corpora import make_corpus
-    from xmodal.students.clip import CLIPStudent, save_open_clip_dir
-
     work = tmp_path_factory.mktemp("workspace")
     previous = Path.cwd()
     os.chdir(work)
     try:
-        make_corpus("shapes", "runs/data/shapes-tiny", image_size=16, n_train=48, n_val=16, n_test=16, shard_size=24,
-                    progress=False)
-        torch.manual_seed(0)
-        save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), "runs/tiny/clip_teacher")
-        main(["cache", "--config", str(ROOT / "configs/tiny/cache/clip.yaml")])
-        make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4, progress=False)
+        build_tiny_workspace()
         yield work
     finally:
         os.chdir(previous)

@@ -295,7 +295,7 @@ def section_loader(ctx: Context, overhead: dict[str, Any] | None) -> dict[str, A
             continue
         _, dm, _ = ctx.load(recipe)
         row: dict[str, Any] = {"batch_size": dm.batch_size, "config_workers": dm.num_workers, "workers": {}}
-        for workers in (0, 1, 2):
+        for workers in sorted({0, 1, 2, dm.num_workers}):  # the config's count too ("auto" resolves per machine)
             row["workers"][str(workers)] = parts.loader_rate(dm, workers, ctx.sizes["loader_batches"])
         row["step_samples_per_s"] = step_rate(ctx, recipe, overhead)
         at_config = row["workers"][str(dm.num_workers)]["samples_per_s"]

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from xmodal.data.wds import move_batch
+
 Batch = dict[str, Any]
 
 
@@ -108,11 +110,12 @@ def markdown_report(results: dict[str, Any]) -> str:
                              format_break_even(c["break_even"])]])]
     if "loader" in results:
         rows = [[name, r["batch_size"], *[r["workers"].get(str(w), {}).get("samples_per_s") for w in (0, 1, 2)],
-                 r.get("step_samples_per_s"), r.get("config_workers"), r.get("verdict", "-")]
+                 f"{fmt(r['workers'].get(str(r.get('config_workers')), {}).get('samples_per_s', '-'))} "
+                 f"({r.get('config_workers')})", r.get("step_samples_per_s"), r.get("verdict", "-")]
                 for name, r in results["loader"].items()]
         parts += ["## 3. Data loading (samples/s)",
-                  md_table(["recipe", "batch", "0 workers", "1 worker", "2 workers", "training step",
-                            "config workers", "loader"], rows)]
+                  md_table(["recipe", "batch", "0 workers", "1 worker", "2 workers", "config's workers (count)",
+                            "training step", "loader"], rows)]
     if "latency" in results:
         parts += ["## 4. Student against teacher (inference, median ms per batch)", latency_table(results["latency"])]
     if "memory" in results:
@@ -263,8 +266,22 @@ def time_fit(model: L.LightningModule, batches: Sequence[Batch], warmup: int, ac
     clock = StepClock()
     callbacks: list[L.Callback] = [clock] + ([ProfileSteps(profiler, warmup)] if profiler is not None else [])
     trainer = L.Trainer(max_steps=len(batches), **trainer_kwargs(accelerator, clip, callbacks))
-    trainer.fit(model, train_dataloaders=batch_loader(batches))
+    trainer.fit(model, datamodule=InMemoryBatches(batches))
     return per_step_ms(clock.stamps, warmup)
+
+
+class InMemoryBatches(L.LightningDataModule):
+    """Ready batches behind the WdsDataModule's batch transfer (its device-side preparation is already done)."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> DataLoader:
+        return batch_loader(self.batches)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return move_batch(batch, device)
 
 
 def plain_step_fn(student: nn.Module, teacher: nn.Module | None, losses: Sequence[nn.Module],

@@ -7,6 +7,11 @@ callables ``list[str] -> LongTensor[B, context_length]``:
 * an open_clip model name (``"ViT-B-32"``) gives open_clip's tokenizer for it;
 * a folder with ``tokenizer.json`` gives a Hugging Face tokenizer, loaded offline;
 * :func:`build_word_tokenizer` writes such a folder for a closed vocabulary (the offline corpora).
+
+Tokenizing in the training step costs a GPU run dearly (measured: about two thirds of a small CLIP pair's step on an
+H100 went to the student's and the teacher's tokenizers). So :class:`TextModality` can also tokenize in the loader
+workers: ``TextModality(tokenizers=[...])`` adds ``tokens:<name>`` for each named tokenizer, and models read it
+through :func:`tokens_for` when it matches their own tokenizer's name, falling back to tokenizing the strings.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import Tensor
 from xmodal.contracts import Batch, Modality
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+TOKENS_PREFIX = "tokens:"
 WORD_PATTERN = re.compile(r"[a-z0-9]+")
 
 
@@ -32,10 +38,22 @@ class Tokenizer(Protocol):
 
 
 class TextModality(Modality):
-    """Decode ``txt`` (or a ``json`` field's ``caption``) to the ``caption`` string."""
+    """Decode ``txt`` (or a ``json`` field's ``caption``) to the ``caption`` string.
+
+    Args:
+        tokenizers: tokenizer names (as the models name them: a tokenizer folder, an open_clip model name or
+            ``local-dir:<folder>``) to run in the loader workers; each adds ``tokens:<name>`` (``B x L`` int64).
+    """
 
     name = "text"
     fields = ("caption",)
+
+    def __init__(self, tokenizers: Sequence[str] = ()) -> None:
+        self.tokenizer_names = list(tokenizers)
+        self._tokenizers: dict[str, Tokenizer] | None = None  # loaded in the process that collates
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizers": None}
 
     def decode(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         if "txt" in sample:
@@ -44,7 +62,14 @@ class TextModality(Modality):
         raise KeyError(f"sample {sample.get('__key__')!r} has no txt field")
 
     def collate(self, items: Sequence[Mapping[str, Any]]) -> Batch:
-        return {"caption": [item["caption"] for item in items]}
+        captions = [item["caption"] for item in items]
+        batch: Batch = {"caption": captions}
+        if self.tokenizer_names:
+            if self._tokenizers is None:
+                self._tokenizers = {name: load_tokenizer(name) for name in self.tokenizer_names}
+            for name, tokenizer in self._tokenizers.items():
+                batch[TOKENS_PREFIX + name] = tokenizer(captions)
+        return batch
 
     def on_device(self, batch: Batch, train: bool) -> Batch:
         return batch
@@ -86,6 +111,8 @@ def load_tokenizer(name_or_path: str, context_length: int | None = None) -> Toke
     import open_clip
 
     path = Path(name_or_path)
+    if name_or_path.startswith("local-dir:"):
+        return open_clip.get_tokenizer(name_or_path, context_length=context_length)
     if (path / "tokenizer.json").is_file():
         from open_clip.tokenizer import HFTokenizer
 
@@ -105,5 +132,25 @@ def vocab_size(name_or_path: str) -> int:
     return 49408
 
 
-def tokenize(tokenizer: Tokenizer, captions: Sequence[str], device: torch.device | str) -> Tensor:
-    return tokenizer(list(captions)).to(device, non_blocking=True)
+class TokenMismatchError(ValueError):
+    """Tokens made in the loader differ from what the model's own tokenizer makes of the same captions."""
+
+
+def tokens_for(batch: Batch, name: str, tokenizer: Tokenizer, device: torch.device | str) -> Tensor:
+    """The batch's captions as ``tokenizer`` (called ``name``) tokenizes them, on ``device``.
+
+    Uses the loader's ``tokens:<name>`` when present (checked once per tokenizer object against tokenizing the
+    first captions here, so that a different context length or vocabulary cannot pass silently), else tokenizes.
+    """
+    made = batch.get(TOKENS_PREFIX + name)
+    if made is None:
+        return tokenizer(list(batch["caption"])).to(device, non_blocking=True)
+    if not getattr(tokenizer, "_xmodal_tokens_checked", False):
+        own = tokenizer(list(batch["caption"][:4]))
+        if own.shape[1:] != made.shape[1:] or not torch.equal(own.cpu(), made[: len(own)].cpu()):
+            raise TokenMismatchError(
+                f"the loader's {TOKENS_PREFIX}{name} tokens (shape {tuple(made.shape)}) differ from the model's "
+                f"own tokenization (shape {tuple(own.shape)}): give TextModality(tokenizers=...) the tokenizer the "
+                "model uses, with the same context length, or drop it there")
+        tokenizer._xmodal_tokens_checked = True  # type: ignore[attr-defined]
+    return made.to(device, non_blocking=True)

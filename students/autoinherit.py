@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs
+from xmodal.modalities.text import tokens_for
 from xmodal.students.clip import CLIPStudent
 from xmodal.students.inherit import TOWER_PREFIX, clip_config, mlp_ratio_for, tower_dims
 
@@ -184,8 +185,11 @@ class MaskedCLIP(nn.Module):
 
     def encode_text(self, captions: list[str]) -> Tensor:
         """Gated text tower, as ``open_clip.CLIP.encode_text``: ``B`` strings -> L2-normalised ``B x E``."""
+        return self.encode_tokens(self.student.tokenizer(captions))
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
         model = self.student.model
-        tokens = self.student.tokenizer(captions).to(model.logit_scale.device)
+        tokens = tokens.to(model.logit_scale.device)
         x = model.token_embedding(tokens) + model.positional_embedding
         m = self.tower_masks("text")
         mask = model.attn_mask.to(x.dtype) if model.attn_mask is not None else None
@@ -201,7 +205,8 @@ class MaskedCLIP(nn.Module):
         if "image" in batch:
             out["image.emb"] = self.encode_image(batch["image"])
         if "caption" in batch:
-            out["text.emb"] = self.encode_text(batch["caption"])
+            out["text.emb"] = self.encode_tokens(tokens_for(batch, self.student.tokenizer_name, self.student.tokenizer,
+                                                            self.student.model.logit_scale.device))
         return out
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD, ImageNormalize
-from xmodal.modalities.text import load_tokenizer, vocab_size
+from xmodal.modalities.text import load_tokenizer, tokens_for, vocab_size
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -75,7 +75,11 @@ class CLIPStudent(nn.Module):
 
     def encode_text(self, captions: list[str]) -> Tensor:
         """``B`` strings -> L2-normalised ``B x embed_dim``."""
-        tokens = self.tokenizer(captions).to(self.model.logit_scale.device, non_blocking=True)
+        return self.encode_tokens(self.tokenizer(captions))
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Token ids from this model's tokenizer -> L2-normalised ``B x embed_dim``."""
+        tokens = tokens.to(self.model.logit_scale.device, non_blocking=True)
         return F.normalize(self.model.encode_text(tokens), dim=-1)
 
     def forward(self, batch: Batch) -> Outputs:
@@ -83,7 +87,8 @@ class CLIPStudent(nn.Module):
         if "image" in batch:
             out["image.emb"] = self.encode_image(batch["image"])
         if "caption" in batch:
-            out["text.emb"] = self.encode_text(batch["caption"])
+            out["text.emb"] = self.encode_tokens(tokens_for(batch, self.tokenizer_name, self.tokenizer,
+                                                            self.model.logit_scale.device))
         return out
 
     def open_clip_config(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from xmodal.contracts import Batch, Outputs, Teacher, freeze
 from xmodal.modalities.image import ImageNormalize
+from xmodal.modalities.text import tokens_for
 from xmodal.teachers.common import state_dict_sha256
 
 
@@ -50,7 +51,7 @@ class OpenCLIPTeacher(nn.Module, Teacher):
         if "image" in batch:
             out["image.emb"] = F.normalize(self.model.encode_image(self.normalize(batch["image"])), dim=-1)
         if "caption" in batch:
-            tokens = self.tokenizer(batch["caption"]).to(device, non_blocking=True)
+            tokens = tokens_for(batch, self.model_name, self.tokenizer, device)
             out["text.emb"] = F.normalize(self.model.encode_text(tokens), dim=-1)
         return out
 

@@ -96,3 +96,27 @@ def test_cache_built_on_the_gpu_matches_the_cpu(workspace: Path, tmp_path: Path)
     for gpu_batch, cpu_batch in zip(on_gpu, on_cpu, strict=True):
         assert torch.allclose(gpu_batch["teacher/image.emb"].float(), cpu_batch["teacher/image.emb"].float(),
                               atol=2e-3)
+
+
+def test_a_non_finite_loss_on_the_gpu_stops_training_naming_its_step(workspace: Path) -> None:
+    from xmodal.data.wds import WdsDataModule
+    from xmodal.distiller import Distiller, NonFiniteLossError
+    from xmodal.losses import CLIPContrastiveLoss
+    from xmodal.modalities.image import ImageModality
+    from xmodal.modalities.text import TextModality
+    from xmodal.students.clip import CLIPStudent
+
+    class NaNAtStepOne(CLIPContrastiveLoss):
+        calls = 0
+
+        def forward(self, s: Any, t: Any, batch: Any) -> torch.Tensor:
+            NaNAtStepOne.calls += 1
+            loss = super().forward(s, t, batch)
+            return loss * float("nan") if NaNAtStepOne.calls == 2 else loss
+
+    model = Distiller(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), [NaNAtStepOne()])
+    data = WdsDataModule([ImageModality(16), TextModality()], "runs/data/shapes-tiny/train-*.tar", batch_size=8)
+    trainer = L.Trainer(max_steps=5, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        trainer.fit(model, data)

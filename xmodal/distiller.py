@@ -45,7 +45,8 @@ class Distiller(L.LightningModule):
         scheduler: ``"cosine"`` (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``) or
             ``"constant"`` (warm-up, then flat).
         warmup_steps: linear warm-up length in optimizer steps.
-        check_finite: stop with :class:`NonFiniteLossError` naming the step and term on NaN/inf.
+        check_finite: stop with :class:`NonFiniteLossError` naming the step and term on NaN/inf (on a GPU, one step
+            later, so that the check never waits for the device).
         param_lr: learning rates for parameters whose qualified name contains a key, e.g.
             ``{log_alpha: 0.05, lambda: 0.05}`` for pruning gates and Lagrange multipliers, which must move much
             faster than the weights; the warm-up/cosine schedule scales every group alike.
@@ -78,6 +79,7 @@ class Distiller(L.LightningModule):
         self.scheduler = scheduler
         self.warmup_steps = warmup_steps
         self.check_finite = check_finite
+        self._pending_check: tuple[int, Tensor, dict[str, Tensor]] | None = None
         self.param_lr = dict(param_lr or {})
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         validate_keys(student, teacher, self.terms)
@@ -147,10 +149,27 @@ class Distiller(L.LightningModule):
                 self.log(f"{stage}/{loss.name}/{key}", value, batch_size=batch_size, sync_dist=stage != "train")
 
     def _check_finite(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+        if total.device.type != "cpu":
+            # Reading a GPU value waits for the device: check the previous step's loss instead, which has been
+            # computed by now, so the host keeps queueing work ahead of the GPU.
+            pending, self._pending_check = self._pending_check, (self.global_step, total.detach(),
+                                                                  {k: v.detach() for k, v in terms.items()})
+            if pending is not None:
+                self._raise_if_not_finite(*pending)
+            return
+        self._raise_if_not_finite(self.global_step, total, terms)
+
+    def on_train_end(self) -> None:
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            self._raise_if_not_finite(*pending)
+
+    @staticmethod
+    def _raise_if_not_finite(step: int, total: Tensor, terms: dict[str, Tensor]) -> None:
         if torch.isfinite(total):
             return
         bad = [f"{name}={value.item()}" for name, value in terms.items() if not torch.isfinite(value)]
-        raise NonFiniteLossError(f"non-finite loss at step {self.global_step}: {', '.join(bad) or total.item()}")
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad) or total.item()}")
 
     def on_train_epoch_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -9,6 +9,8 @@ Usage::
     xmodal eval base2novel --model NAME_OR_DIR --split split.json (--shards 'data/test-*.tar' | --folder DIR)
     xmodal eval asr       (--model NAME_OR_DIR | --config recipe.yaml [--checkpoint CKPT]) (--shards ... | --list FILE)
                           [--beam-size 4] [--plot DIR]   (lip reading CER/WER; see xmodal.eval.asr)
+    xmodal eval bev       (--results nuscenes.json | --config recipe.yaml [--checkpoint CKPT]) --shards ...
+                          [--render N --render-dir DIR]   (3D detection mAP/NDS; see xmodal.eval.bev)
 
 Results are printed as a table and as JSON (``--out`` also writes the JSON), in clip_benchmark's shape:
 ``{"task", "model", "dataset", "image_size", "metrics": {...}}``.
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from xmodal.eval.asr import add_asr_parser
 
     add_asr_parser(tasks)
+
+    from xmodal.eval.bev import add_bev_parser
+
+    add_bev_parser(tasks)
     return parser
 
 
@@ -94,6 +100,11 @@ def eval_main(argv: Sequence[str]) -> None:
         from xmodal.eval.asr import run_asr
 
         run_asr(task, args)
+        return
+    if args.task == "bev":
+        from xmodal.eval.bev import run_bev
+
+        run_bev(task, args)
         return
     check_args(task, args)
     if args.task == "base2novel":

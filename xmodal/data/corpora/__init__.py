@@ -10,6 +10,8 @@ and ``meta.json``, and returns the metadata.
 * ``avsync``: short clips of a pulsing blob with a tone following the same envelope (audio-video pairs).
 * ``avspeech-grid``: GRID sentences spoken by espeak-ng with a rendered mouth driven by the engine's phoneme
   timings (``flac``, ``mp4``, ``txt``, ``json``; needs libespeak-ng); ``make(out_dir, *, seed, size, ...)``.
+* ``bev-scenes``: procedural driving scenes with a ray-cast 32-beam LiDAR (``lidar.npy``), six rendered cameras
+  (``cam_*.jpg``) and nuScenes-style boxes and calibration (``json``); ``make(out_dir, *, seed, size, ...)``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.corpora import avspeech, avsync, digits, shapes
+from xmodal.data.corpora import avspeech, avsync, bevscenes, digits, shapes
 
 CORPORA: dict[str, Callable[..., dict[str, Any]]] = {
     "shapes": shapes.make, "digits": digits.make, "avsync": avsync.make, "avspeech-grid": avspeech.make,
+    "bev-scenes": bevscenes.make,
 }
 
 
@@ -36,4 +39,4 @@ def make_corpus(name: str, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]
     return CORPORA[name](out_dir, **kwargs)
 
 
-__all__ = ["CORPORA", "make_corpus", "avspeech", "avsync", "digits", "shapes"]
+__all__ = ["CORPORA", "make_corpus", "avspeech", "avsync", "bevscenes", "digits", "shapes"]

@@ -161,3 +161,24 @@ def test_param_lr_gives_matching_parameters_their_own_learning_rate() -> None:
     assert len(param_groups(module, None)) == 1
     with pytest.raises(ValueError, match="log_alpha"):
         param_groups(module, {"log_alpha": 0.1})
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_training_terms_are_logged_when_the_trainer_writes_logs(shapes_dir: Path, every_step: bool) -> None:
+    model = Distiller(CLIPStudent(**tiny_clip_args(shapes_dir / "tokenizer")), [CLIPContrastiveLoss()],
+                      log_every_step=every_step)
+    logged_at: list[int] = []
+    log = model.log
+
+    def spy(name: str, value: object, **kwargs: object) -> None:
+        if name == "train/loss":
+            logged_at.append(model.global_step)
+        log(name, value, **kwargs)  # type: ignore[arg-type]
+
+    model.log = spy  # type: ignore[method-assign]
+    trainer = L.Trainer(max_steps=7, log_every_n_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule(shapes_dir, shuffle_buffer=8))
+    # Lightning writes logs after steps 3 and 6 (1-based); the first and last steps are logged as well
+    assert logged_at == (list(range(7)) if every_step else [0, 2, 5, 6])
+    assert "train/loss" in trainer.callback_metrics

@@ -21,7 +21,8 @@ Batch fields:
 ``camera`` uint8 ``B x V x 3 x H x W`` (float in [0, 1] after ``on_device``) with ``intrinsics`` float32
 ``B x V x 3 x 3`` (scaled to the resized images) and ``extrinsics`` float32 ``B x V x 4 x 4``;
 ``boxes`` float32 ``B x M x 9`` (x, y, z, w, l, h, yaw, vx, vy; zero-padded) with ``box_counts`` int64 ``B``
-and ``box_labels`` int64 ``B x M`` (-1 at padding).
+and ``box_labels`` int64 ``B x M`` (-1 at padding), ``box_points`` int64 ``B x M`` (LiDAR points in each box, from
+``num_lidar_pts``; -1 where unknown or padding).
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ def yaw_of(rotation: float | Sequence[float]) -> float:
     return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
-def decode_boxes(boxes: Sequence[Mapping[str, Any]], classes: Sequence[str] | None) -> tuple[Tensor, Tensor]:
-    """nuScenes-style box dicts -> float32 ``M x 9`` and int64 ``M`` labels.
+def decode_boxes(
+    boxes: Sequence[Mapping[str, Any]], classes: Sequence[str] | None, min_points: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """nuScenes-style box dicts -> float32 ``M x 9``, int64 ``M`` labels and int64 ``M`` LiDAR point counts.
 
     Named classes map to their index in ``classes``; boxes of other classes are dropped. Int classes are kept.
+    A box's point count is its ``num_lidar_pts`` (-1 when absent); boxes with a known count below ``min_points``
+    are dropped (nuScenes annotates boxes that no LiDAR point hits, and does not score them).
     """
-    rows, labels = [], []
+    rows, labels, points = [], [], []
     for box in boxes:
+        count = int(box.get("num_lidar_pts", -1))
+        if 0 <= count < min_points:
+            continue
         name = box.get("class", box.get("category_name"))
         if isinstance(name, str):
             if classes is None:
@@ -84,9 +92,11 @@ def decode_boxes(boxes: Sequence[Mapping[str, Any]], classes: Sequence[str] | No
         vx, vy = box.get("velocity", (0.0, 0.0))[:2]
         rows.append([*box["translation"], *box["size"], yaw_of(box["rotation"]), vx, vy])
         labels.append(label)
+        points.append(count)
     return (
         torch.tensor(rows, dtype=torch.float32).reshape(-1, BOX_DIM),
         torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(points, dtype=torch.int64),
     )
 
 
@@ -111,15 +121,19 @@ class BEVModality(Modality):
         max_points: most points kept per sweep (even-stride thinning; ``None`` keeps all).
         image_size: ``(H, W)`` the camera images are resized to (``None`` keeps them; then all must match).
         cameras: decode camera images and calibration (turn off for LiDAR-only recipes).
+        min_points: drop boxes that fewer LiDAR points hit (where the json gives ``num_lidar_pts``); 1 drops the
+            boxes no sensor could see, which nuScenes annotates but does not score.
     """
 
     name = "bev"
-    fields = ("lidar", "lidar_counts", "camera", "intrinsics", "extrinsics", "boxes", "box_counts", "box_labels")
+    fields = ("lidar", "lidar_counts", "camera", "intrinsics", "extrinsics", "boxes", "box_counts", "box_labels",
+              "box_points")
 
     def __init__(
         self, classes: Sequence[str] | None = None, max_points: int | None = None,
-        image_size: tuple[int, int] | None = None, cameras: bool = True,
+        image_size: tuple[int, int] | None = None, cameras: bool = True, min_points: int = 0,
     ) -> None:
+        self.min_points = min_points
         self.classes = list(classes) if classes is not None else None
         self.max_points = max_points
         self.image_size = (int(image_size[0]), int(image_size[1])) if image_size is not None else None
@@ -132,8 +146,9 @@ class BEVModality(Modality):
             raise KeyError(f"sample {key!r} needs {' or '.join(POINT_FIELDS)} and json fields")
         meta = sample["json"]
         meta = json.loads(meta) if isinstance(meta, bytes | str) else meta
-        boxes, labels = decode_boxes(meta.get("boxes", []), self.classes)
-        out = {"lidar": decode_points(sample[field], self.max_points), "boxes": boxes, "box_labels": labels}
+        boxes, labels, points = decode_boxes(meta.get("boxes", []), self.classes, self.min_points)
+        out = {"lidar": decode_points(sample[field], self.max_points), "boxes": boxes, "box_labels": labels,
+               "box_points": points}
         if self.cameras:
             out.update(self.decode_cameras(sample, meta.get("cameras", [])))
         return out
@@ -144,7 +159,9 @@ class BEVModality(Modality):
         images, ks, es = [], [], []
         for i, cam in enumerate(cameras):
             name = cam.get("name", f"cam{i}")
-            field = next((f"{name}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{name}.{ext}" in sample), None)
+            # WebDataset lower-cases field names when it reads a tar: nuScenes' CAM_FRONT arrives as cam_front
+            field = next((f"{n}.{ext}" for n in (name, name.lower()) for ext in ("jpg", "jpeg", "png")
+                          if f"{n}.{ext}" in sample), None)
             if field is None:
                 raise KeyError(f"sample {sample.get('__key__')!r} has no image for camera {name!r}")
             image, k = decode_view(sample[field], self.image_size, torch.tensor(cam["intrinsics"], dtype=torch.float32))
@@ -161,6 +178,7 @@ class BEVModality(Modality):
             "boxes": pad_sequence(boxes, batch_first=True),
             "box_counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
             "box_labels": pad_sequence([item["box_labels"] for item in items], batch_first=True, padding_value=-1),
+            "box_points": pad_sequence([item["box_points"] for item in items], batch_first=True, padding_value=-1),
         }
         if "camera" in items[0]:
             for name in ("camera", "intrinsics", "extrinsics"):

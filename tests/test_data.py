@@ -227,3 +227,14 @@ def test_training_order_is_reproducible_from_the_seed(shapes_dir: Path) -> None:
     first = keys(0)
     assert first == keys(0)
     assert first != keys(1) and sorted(first) == sorted(keys(1))
+
+
+def test_an_epoch_where_no_sample_decodes_stops_with_a_clear_error(shapes_dir: Path, tmp_path: Path) -> None:
+    from xmodal.distiller import EmptyEpochError
+
+    train = write_image_shards(tmp_path, 8, set(range(8)), "train")
+    data = WdsDataModule([ImageModality(16), TextModality()], train=train, batch_size=4, shuffle_buffer=8)
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(EmptyEpochError, match="no sample decoded"):
+        trainer.fit(tiny_distiller(shapes_dir), datamodule=data)

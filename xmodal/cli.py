@@ -34,11 +34,13 @@ import xmodal.modalities.video  # noqa: F401
 import xmodal.students.asr  # noqa: F401
 import xmodal.students.autoinherit  # noqa: F401
 import xmodal.students.av  # noqa: F401
+import xmodal.students.bev  # noqa: F401
 import xmodal.students.clip  # noqa: F401
 import xmodal.students.inherit  # noqa: F401
 import xmodal.students.lipreader  # noqa: F401
 import xmodal.students.prompted  # noqa: F401
 import xmodal.students.staged  # noqa: F401
+import xmodal.teachers.bev  # noqa: F401
 import xmodal.teachers.cached  # noqa: F401
 import xmodal.teachers.conformer  # noqa: F401
 import xmodal.teachers.hf  # noqa: F401

@@ -30,6 +30,10 @@ class ConfigKeyError(ValueError):
     """A loss reads an output key that no model produces."""
 
 
+class EmptyEpochError(RuntimeError):
+    """A training epoch produced no batch (empty shards, or every sample failed to decode)."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf."""
 
@@ -84,6 +88,7 @@ class Distiller(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.check_finite = check_finite
         self.log_every_step = log_every_step
+        self._epoch_batches = 0
         self._pending_check: tuple[int, Tensor, dict[str, Tensor]] | None = None
         self.param_lr = dict(param_lr or {})
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
@@ -120,6 +125,7 @@ class Distiller(L.LightningModule):
         return total, terms
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        self._epoch_batches += 1
         total, terms = self.compute_losses(batch)
         if self.check_finite:
             self._check_finite(total, terms)
@@ -185,7 +191,14 @@ class Distiller(L.LightningModule):
         bad = [f"{name}={value.item()}" for name, value in terms.items() if not torch.isfinite(value)]
         raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad) or total.item()}")
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_batches = 0
+
     def on_train_epoch_end(self) -> None:
+        if self._epoch_batches == 0:  # an empty stream would otherwise start epoch after empty epoch, forever
+            raise EmptyEpochError(
+                "a training epoch gave no batch: the shards are empty, or no sample decoded (check the patterns and "
+                "that the samples hold the fields the modalities read; undecodable samples are skipped)")
         datamodule = getattr(self.trainer, "datamodule", None)
         skipped = getattr(datamodule, "skipped_samples", None)
         if datamodule is not None and skipped is not None:

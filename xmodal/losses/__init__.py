@@ -1,6 +1,12 @@
 """Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`, usable from YAML by class name."""
 
 from xmodal.losses.augment import AugmentBatch, CutMixKD, HARDAugmenter, HARDCallback, MixupKD
+from xmodal.losses.bev import (
+    BEVDetectionLoss,
+    UniDistillFeatureLoss,
+    UniDistillRelationLoss,
+    UniDistillResponseLoss,
+)
 from xmodal.losses.cka import CKALoss, linear_cka
 from xmodal.losses.contrastive import AffinityMimicLoss, CLIPContrastiveLoss, DCDLoss
 from xmodal.losses.features import FeatureCosineLoss, FeatureMSELoss
@@ -26,6 +32,10 @@ from xmodal.losses.taid import TAIDLoss
 from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback
 
 __all__ = [
+    "BEVDetectionLoss",
+    "UniDistillFeatureLoss",
+    "UniDistillRelationLoss",
+    "UniDistillResponseLoss",
     "CharCELoss",
     "CharCTCLoss",
     "FrameAligner",

@@ -1,0 +1,84 @@
+"""The BEV UniDistill benchmark end to end on a tiny corpus (2 steps), its resume, and its report's gain reading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bench.bev as bev
+from bench.bev_report import gain_verdict, markdown, paired_gain
+
+
+def test_plan_adds_teachers_before_their_students() -> None:
+    assert bev.plan(["fusion_to_lidar", "camera_alone"]) == ["camera_alone", "fusion_teacher", "fusion_to_lidar"]
+    assert bev.plan(["unidistill_feature"]) == ["lidar_teacher", "unidistill_feature"]
+
+
+def test_smoke_run_writes_results_and_a_rerun_skips_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bev.SMOKE_CORPUS, "n_train", 4)
+    monkeypatch.setitem(bev.SMOKE_CORPUS, "n_test", 2)
+    monkeypatch.setitem(bev.SMOKE_CORPUS, "azimuth_steps", 90)
+    argv = ["--smoke", "--work", str(tmp_path), "--rows", "unidistill_response", "--steps", "2",
+            "--teacher-steps", "2", "--device", "cpu"]
+    results = bev.main(argv)
+    keys = {"lidar_teacher/seed0", "unidistill_response/seed0"}
+    assert set(results["runs"]) == keys
+    stored = json.loads((tmp_path / "bev.json").read_text())
+    for key in keys:
+        metrics = stored["runs"][key]["eval"]
+        assert 0.0 <= metrics["mAP"] <= 1.0 and 0.0 <= metrics["NDS"] <= 1.0
+        assert set(metrics["per_class_AP"]) == {"car", "truck", "pedestrian", "cyclist"}
+        assert stored["runs"][key]["train"]["steps"] == 2
+    teacher = yaml_teacher(tmp_path / "configs" / "unidistill_response-seed0.yaml")
+    assert teacher == str(tmp_path / "models" / "lidar_teacher-seed0")
+    assert set(stored["models"]) == {"lidar", "camera"}
+    report = (tmp_path / "bev.md").read_text()
+    assert "SMOKE RUN" in report and "| camera + response | camera | 1 |" in report
+    assert "| LiDAR teacher (LiDAR alone) | lidar | 1 |" in report and "NDS = (5 mAP" in report
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(bev.Bench, "fit", refuse)
+    assert bev.main(argv)["runs"] == stored["runs"]
+
+
+def yaml_teacher(path: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(path.read_text())["model"]["teacher"]["init_args"]["model"])
+
+
+def run(row: str, seed: int, mean_ap: float, nds: float) -> dict[str, Any]:
+    metrics = {"mAP": mean_ap, "NDS": nds, "per_class_AP": {"car": mean_ap}}
+    return {"row": row, "seed": seed, "train": {}, "eval": metrics}
+
+
+RUNS = {f"{row}/seed{s}": run(row, s, m, n) for row, s, m, n in [
+    ("camera_alone", 0, 0.10, 0.20), ("camera_alone", 1, 0.12, 0.22),
+    ("unidistill_all", 0, 0.13, 0.22), ("unidistill_all", 1, 0.14, 0.23),
+    ("lidar_teacher", 0, 0.50, 0.55), ("fusion_to_lidar", 0, 0.52, 0.56)]}
+
+
+def test_paired_gain_and_its_reading() -> None:
+    (gain, spread), n = paired_gain(RUNS, "unidistill_all", "camera_alone", "mAP") or ((0.0, 0.0), 0)
+    assert n == 2 and gain == pytest.approx(0.025) and spread == pytest.approx(0.00707, abs=1e-4)
+    assert paired_gain(RUNS, "unidistill_all", "fusion_teacher", "mAP") is None
+    assert "direction but below its 2.0-3.2" in gain_verdict("mAP", 1.0, 0.5, 3)
+    assert "within the paper's" in gain_verdict("mAP", 2.5, 0.5, 3)
+    assert "opposite direction" in gain_verdict("NDS", -1.0, 0.2, 3)
+    assert "within seed noise" in gain_verdict("NDS", 0.3, 0.5, 3)
+
+
+def test_report_compares_fusion_to_lidar_only_at_equal_budgets() -> None:
+    config = {"data": "d", "steps": 10, "teacher_steps": 10, "seeds": [0, 1], "device": "cpu"}
+    text = markdown({"config": config, "runs": RUNS})
+    assert "| camera + all three | camera | 2 | 13.5 ± 0.7 | 22.5 ± 0.7 |" in text
+    assert "| camera alone | +2.5 ± 0.7 | +1.5 ± 0.7 |" in text
+    assert "| LiDAR teacher (LiDAR alone) | +2.0 ± 0.0 | +1.0 ± 0.0 |" in text
+    assert "mAP: a gain of 2.50 points, within the paper's 2.0-3.2" in text
+    text = markdown({"config": {**config, "teacher_steps": 20}, "runs": RUNS})
+    assert "| fusion -> LiDAR (all three) | lidar | 1 | 52.0 ± 0.0 | 56.0 ± 0.0 | – | – | – | – | – | – |" in text

@@ -70,7 +70,8 @@ def relocate(value: Any, work: Path, data: Path) -> Any:
 def fit(name: str, work: Path, data: Path, seed: int, steps: int,
         edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Write a per-run copy of ``configs/prompt_distill/<name>.yaml`` (paths, seed, steps rewritten; then ``edit``
-    applied to the config dict) and fit it. Returns the written config."""
+    applied to the config dict) and fit it, unless its export folder holds a model trained from this very config
+    (an interrupted benchmark resumes). Returns the written config."""
     from xmodal.cli import main as xmodal_main
 
     config = relocate(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), work, data)
@@ -83,8 +84,14 @@ def fit(name: str, work: Path, data: Path, seed: int, steps: int,
         edit(config)
     path = work / "configs" / f"{name}-seed{seed}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    text = yaml.safe_dump(config, sort_keys=False)
+    path.write_text(text)
+    stamp = export_dir(path) / "xmodal_bench_config.yaml"
+    if stamp.is_file() and stamp.read_text() == text:
+        print(f"[bench] {name} seed {seed}: reusing {stamp.parent}")
+        return path
     xmodal_main(["fit", "--config", str(path)])
+    stamp.write_text(text)
     return path
 
 

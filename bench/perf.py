@@ -221,7 +221,7 @@ def section_overhead(ctx: Context) -> dict[str, Any]:
     result["ratio"] = parts.ratio(result["xmodal_ms"], result["plain_ms"])
     model.load_state_dict(init)
     with torch.no_grad():
-        outputs = model.teacher_outputs(parts.to_device(batches[0], ctx.device))
+        outputs = model.teacher_outputs(parts.move_batch(batches[0], ctx.device))
         result["teacher_outputs_grad_free"] = parts.grad_free(outputs or {})
     result["teacher_context"] = "torch.inference_mode (Distiller.teacher_outputs), outputs copied out once"
     if result["ratio"] > 1.05 or ctx.smoke:  # the smoke run exercises the profile path
@@ -338,7 +338,7 @@ def latency_on(recipe: str, teacher: Any, student: Any, big: dict[str, Any], dev
     out: dict[str, Any] = {}
     repeats = ctx.sizes["latency_repeats"] if recipe != "lipreading" else max(2, ctx.sizes["latency_repeats"] // 2)
     for size in ctx.sizes["latency_batches"]:
-        batch = parts.to_device(parts.slice_batch(big, size), device)
+        batch = parts.move_batch(parts.slice_batch(big, size), device)
         cell = {}
         for side, net in (("teacher", teacher), ("student", student)):
             call = (lambda n=net, b=batch: n.transcribe(b)) if recipe == "lipreading" else (lambda n=net, b=batch: n(b))

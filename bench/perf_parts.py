@@ -187,10 +187,6 @@ def slice_batch(batch: Batch, n: int) -> Batch:
             for k, v in batch.items()}
 
 
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 def batch_loader(batches: Sequence[Batch]) -> DataLoader:
     """A plain DataLoader over ready batches (``batch_size=None``: each item is already a batch)."""
     return DataLoader(list(batches), batch_size=None, shuffle=False, num_workers=0, collate_fn=lambda b: b)
@@ -312,7 +308,7 @@ def time_plain_loop(step: Callable[[Batch], Tensor], batches: Sequence[Batch], w
     """ms/step of ``step`` over the same DataLoader kind as :func:`time_fit`, after ``warmup`` steps."""
     stamps = []
     for batch in batch_loader(batches):
-        step(to_device(batch, device))
+        step(move_batch(batch, device))
         sync(device)
         stamps.append(time.perf_counter())
     return per_step_ms(stamps, warmup)

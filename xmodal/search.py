@@ -298,7 +298,9 @@ def search_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     teacher = load_teacher(args.teacher, config, path.parent).to(args.device)
     candidates = {n: m.to(args.device) for n, m in load_candidates(config, path.parent, args.seed).items()}
     batches = load_image_batches(args.data, args.image_size, args.batch_size, args.num_batches)
-    batches = [{k: v.to(args.device) if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches]
+    from xmodal.data.wds import move_batch
+
+    batches = [move_batch(b, args.device) for b in batches]
     ranking = rank_students(teacher, candidates, batches, args.num_batches, args.logits_key, args.input_key)
     rows = [{"rank": i + 1, "name": name, "score": score, "params": count_params(candidates[name])}
             for i, (name, score) in enumerate(ranking)]

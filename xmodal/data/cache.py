@@ -30,12 +30,8 @@ from tqdm.auto import tqdm
 from xmodal.contracts import Modality, Teacher
 from xmodal.data.decoders import CACHE_FIELD_PREFIX, collate_items, decode_sample
 from xmodal.data.shards import shard_pattern, write_shards
-from xmodal.data.wds import expand_shards, prepare_on_device
+from xmodal.data.wds import expand_shards, move_batch, prepare_on_device
 from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
-
-
-def teacher_output_keys(teacher: torch.nn.Module) -> tuple[str, ...]:
-    return tuple(getattr(teacher, "output_keys", ()))
 
 CACHE_DTYPE = np.float16
 
@@ -76,8 +72,7 @@ def _with_outputs(
     progress = tqdm(desc="caching teacher outputs", unit="sample")
     for raw in _raw_batches(shards, batch_size):
         batch = collate_items([decode_sample(s, modalities) for s in raw], modalities)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        batch = prepare_on_device(batch, modalities, train=False)
+        batch = prepare_on_device(move_batch(batch, device), modalities, train=False)
         with torch.inference_mode():
             arrays = _to_arrays(teacher(batch), top_k, stats)
         for i, sample in enumerate(raw):
@@ -97,12 +92,12 @@ def cache_teacher(
 
     ``top_k``: output keys holding logits (last dim = vocabulary) to store as their ``k`` largest log-probabilities.
     """
-    top_k = dict(top_k or {})
-    if top_k and not set(top_k) <= set(teacher_output_keys(teacher)):
-        raise ValueError(f"top_k names {sorted(set(top_k) - set(teacher_output_keys(teacher)))}, which the teacher "
-                         f"does not output (it outputs {sorted(teacher_output_keys(teacher))})")
     if not isinstance(teacher, Teacher):
         raise TypeError(f"{type(teacher).__name__} is not a Teacher: it needs output_keys and manifest()")
+    top_k = dict(top_k or {})
+    if unknown := sorted(set(top_k) - set(teacher.output_keys)):
+        raise ValueError(f"top_k names {unknown}, which the teacher does not output "
+                         f"(it outputs {sorted(teacher.output_keys)})")
     teacher.to(device).eval()
     out = Path(out)
     prefix = prefix or Path(expand_shards(shards)[0]).name.rsplit("-", 1)[0]

@@ -260,7 +260,7 @@ class WdsDataModule(L.LightningDataModule):
         return prepare_on_device(batch, self.modalities, train)
 
 
-def move_batch(batch: Batch, device: torch.device) -> Batch:
+def move_batch(batch: Batch, device: torch.device | str) -> Batch:
     """Move a flat batch's tensors to ``device``; strings and lists stay as they are.
 
     Lightning's generic transfer walks every element of the key and caption lists at every step (a few ms per

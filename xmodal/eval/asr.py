@@ -83,7 +83,9 @@ def list_batches(items: Sequence[tuple[Path, str]], modalities: Sequence[Any], b
 
 def to_device(batch: Batch, device: torch.device, modalities: Sequence[Any]) -> Batch:
     """Move tensors to ``device`` and run the modalities' evaluation-time device transforms."""
-    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    from xmodal.data.wds import move_batch
+
+    batch = move_batch(batch, device)
     for modality in modalities:
         if all(field in batch for field in modality.fields):
             batch = modality.on_device(batch, train=False)

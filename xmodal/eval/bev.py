@@ -550,13 +550,12 @@ def evaluate_bev(
     Returns:
         :func:`detection_metrics`' dict, plus ``results_json`` and ``renders`` (paths) when written.
     """
-    from xmodal.data.wds import prepare_on_device
+    from xmodal.data.wds import move_batch, prepare_on_device
 
     with evaluating(cast(Any, model), device) as dev, torch.inference_mode():
 
         def predict(batch: Batch) -> list[Detections]:
-            moved = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            outputs = model.predict(prepare_on_device(moved, modalities, train=False))
+            outputs = model.predict(prepare_on_device(move_batch(batch, dev), modalities, train=False))
             return [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in det.items()} for det in outputs]
 
         preds, truths, tokens, renders = collect(loader, predict, render, render_dir, grid_range, score_threshold)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,18 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_clip_args(tokenizer: str | Path, embed_dim: int = 16) -> dict[str, Any]:
     return {"embed_dim": embed_dim, "vision_cfg": dict(TINY_VISION), "text_cfg": dict(TINY_TEXT),
             "tokenizer": str(tokenizer)}
+
+
+@contextmanager
+def tiny_workspace(work: Path, cache_device: str = "cpu") -> Iterator[Path]:
+    """Work inside ``work`` (the current directory meanwhile), built by :func:`build_tiny_workspace`."""
+    previous = Path.cwd()
+    os.chdir(work)
+    try:
+        build_tiny_workspace(cache_device)
+        yield work
+    finally:
+        os.chdir(previous)
 
 
 def build_tiny_workspace(cache_device: str = "cpu") -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import build_tiny_workspace, tiny_clip_args
+from tests.conftest import tiny_clip_args, tiny_workspace
 from xmodal.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,14 +19,8 @@ TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A working directory holding what the tiny configs point at, built the way a user would build it."""
-    work = tmp_path_factory.mktemp("workspace")
-    previous = Path.cwd()
-    os.chdir(work)
-    try:
-        build_tiny_workspace()
+    with tiny_workspace(tmp_path_factory.mktemp("workspace")) as work:
         yield work
-    finally:
-        os.chdir(previous)
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

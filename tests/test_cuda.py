@@ -6,7 +6,6 @@ Skipped where no GPU is present (CI, this project's CPU machines); run on a GPU 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import build_tiny_workspace, tiny_clip_args
+from tests.conftest import tiny_clip_args, tiny_workspace
 from xmodal.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,14 +26,8 @@ TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """What the tiny configs point at (as in test_configs), with the teacher cache built on the GPU."""
-    work = tmp_path_factory.mktemp("cuda-workspace")
-    previous = Path.cwd()
-    os.chdir(work)
-    try:
-        build_tiny_workspace("cuda")
+    with tiny_workspace(tmp_path_factory.mktemp("cuda-workspace"), "cuda") as work:
         yield work
-    finally:
-        os.chdir(previous)
 
 
 class OnDevice(L.Callback):

@@ -150,6 +150,18 @@ class AlignmentHead(nn.Module):
         return self.proj(x)
 
 
+def reflect_tails(wave: Tensor, lengths: Tensor, width: int) -> Tensor:
+    """``B x S`` -> ``B x (S + width)``: each waveform continued past its own end by its reflection, as a centred
+    STFT's reflect padding continues one waveform alone. Without it, a short clip's last frames would see the zeros
+    its batch padded it with, and its features (and, through the normalisation, all its frames) would depend on the
+    batch it came in: a cached teacher output would not match the live one."""
+    out = nn.functional.pad(wave, (0, width))
+    steps = torch.arange(width, device=wave.device)
+    lengths = lengths.to(wave.device)[:, None]
+    source = (lengths - 2 - steps).clamp(min=0, max=max(wave.shape[-1] - 1, 0))
+    return out.scatter(1, lengths + steps, wave.gather(1, source))
+
+
 class LogMel(nn.Module):
     """Log-mel spectrogram with per-utterance mean/variance normalisation over valid frames.
 
@@ -174,7 +186,8 @@ class LogMel(nn.Module):
     def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         frames = self.num_frames(lengths)
         with torch.autocast(wave.device.type, enabled=False):
-            feats = torch.log(self.mel(wave.float()) + self.eps)
+            padded = reflect_tails(wave.float(), lengths, self.mel.spectrogram.n_fft // 2)
+            feats = torch.log(self.mel(padded)[..., : int(self.num_frames(torch.tensor(wave.shape[-1])))] + self.eps)
         valid = lengths_to_mask(frames, feats.shape[-1])[:, None, :]
         if self.normalize:
             count = frames[:, None, None].to(feats.dtype)
@@ -182,6 +195,20 @@ class LogMel(nn.Module):
             var = (((feats - mean) * valid) ** 2).sum(-1, keepdim=True) / count
             feats = (feats - mean) / (var + self.eps).sqrt()
         return feats * valid, frames
+
+
+def masked_convs(layers: nn.Sequential, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Run conv1d/activation ``layers`` over ``B x C x T`` (stride-2 convs halve ``lengths``, rounding up), zeroing
+    every activation past each clip's length: the next conv reads those positions at the clip's end, and they must
+    be the zeros the clip would see alone, not ``act(bias)``, for a clip's features not to depend on its batch."""
+    for layer in layers:
+        x = layer(x)
+        if isinstance(layer, nn.Conv1d):
+            if layer.stride[0] != 1:
+                lengths = torch.div(lengths + layer.stride[0] - 1, layer.stride[0], rounding_mode="floor")
+        else:
+            x = x * lengths_to_mask(lengths, x.shape[-1])[:, None].to(x.dtype)
+    return x, lengths
 
 
 class AudioEncoder(nn.Module):
@@ -222,7 +249,5 @@ class AudioEncoder(nn.Module):
     def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if wave.dtype == torch.int16:
             wave = wave.float() / INT16_SCALE
-        feats, frames = self.logmel(wave, lengths)
-        x = self.frontend(feats).transpose(1, 2)
-        out_lengths = self.output_lengths(frames)
-        return self.transformer(x, out_lengths), out_lengths
+        x, out_lengths = masked_convs(self.frontend, *self.logmel(wave, lengths))
+        return self.transformer(x.transpose(1, 2), out_lengths), out_lengths

@@ -71,8 +71,14 @@ class ConvSubsampling(nn.Module):
             frames = torch.div(frames + 1, 2, rounding_mode="floor")
         return frames
 
-    def forward(self, feats: Tensor) -> Tensor:
-        x = self.conv(feats.transpose(1, 2)[:, None])  # B x C x T' x M'
+    def forward(self, feats: Tensor, frames: Tensor | None = None) -> Tensor:
+        """``frames`` (``B`` valid lengths): zero the first conv's outputs past them, so that the second conv reads
+        the same zeros at a clip's end whether or not its batch padded it (else it reads ``SiLU(bias)``)."""
+        x = self.conv[:2](feats.transpose(1, 2)[:, None])  # B x C x T'' x M''
+        if frames is not None:
+            half = torch.div(frames + 1, 2, rounding_mode="floor")
+            x = x * lengths_to_mask(half.to(x.device), x.shape[2])[:, None, :, None]
+        x = self.conv[2:](x)  # B x C x T' x M'
         return self.proj(x.permute(0, 2, 1, 3).flatten(2))
 
 
@@ -177,7 +183,7 @@ class ConformerASR(nn.Module):
         """Waveform ``B x S`` (float or int16) + ``B`` sample counts -> states ``B x T x dim`` and mask ``B x T``."""
         wave = wave.float() / INT16_SCALE if wave.dtype == torch.int16 else wave.float()
         feats, frames = self.logmel(wave, lengths)
-        x = self.subsample(feats)
+        x = self.subsample(feats, frames)
         valid = lengths_to_mask(self.subsample.output_lengths(frames).clamp(max=x.shape[1]), x.shape[1])
         x = self.dropout(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device))
         for block in self.blocks:

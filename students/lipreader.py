@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from xmodal.contracts import Batch, Outputs, Student, Teacher, freeze, to_float_image
 from xmodal.losses.sequence import resample_to
-from xmodal.modalities.audio import INT16_SCALE, LogMel, TemporalTransformer, lengths_to_mask
+from xmodal.modalities.audio import INT16_SCALE, LogMel, TemporalTransformer, lengths_to_mask, masked_convs
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 from xmodal.modalities.transcript import CharVocab, decoder_targets, sentence_cer
 from xmodal.modalities.video import _conv_bn
@@ -93,11 +93,8 @@ class AudioFrontend(nn.Module):
     def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if wave.dtype == torch.int16:
             wave = wave.float() / INT16_SCALE
-        feats, frames = self.logmel(wave, lengths)
-        for _ in range(self.num_strided):
-            frames = torch.div(frames + 1, 2, rounding_mode="floor")
-        x = self.convs(feats).transpose(1, 2)
-        return x * lengths_to_mask(frames, x.shape[1])[..., None].to(x.dtype), frames
+        x, frames = masked_convs(self.convs, *self.logmel(wave, lengths))
+        return x.transpose(1, 2), frames
 
 
 class TemporalEncoder(nn.Module):

@@ -73,7 +73,8 @@ class CachedTeacher(nn.Module, Teacher):
                 outputs[key] = dense_from_top_k(batch[CACHE_PREFIX + key + TOPV], batch[CACHE_PREFIX + key + TOPI],
                                                 self.top_k[key]["size"])
             else:
-                outputs[key] = batch[CACHE_PREFIX + key].float()
+                value = batch[CACHE_PREFIX + key]
+                outputs[key] = value.float() if value.is_floating_point() else value  # masks stay bool, ids int
         device = next(iter(outputs.values())).device if outputs else None
         outputs.update({k: torch.tensor(v, device=device) for k, v in self.constants.items()})
         return outputs

@@ -111,3 +111,26 @@ def test_rewrite_prefers_the_longest_prefix() -> None:
     mapping = {"runs/models/whisper-tiny-en": "/zs", "runs/models/whisper-tiny-en-grid": "/ad"}
     assert rewrite({"a": ["runs/models/whisper-tiny-en-grid", "runs/models/whisper-tiny-en"]}, mapping) == {
         "a": ["/ad", "/zs"]}
+
+
+def test_distilled_recipes_read_the_cached_teacher_and_the_student_alone_is_untouched(tmp_path) -> None:
+    import argparse
+
+    import yaml
+
+    from bench.lipreading import Bench
+
+    args = argparse.Namespace(work=tmp_path / "work", data=tmp_path / "data", device="cpu", smoke=False,
+                              batch_size=None, num_workers=None)
+    bench = Bench(args)
+    bench.cache = tmp_path / "cache"
+    libs = yaml.safe_load(bench.config("libs_full.yaml", "libs_full-seed0", 0, 100).read_text())
+    teacher = libs["model"]["teacher"]
+    assert teacher["class_path"] == "xmodal.teachers.cached.CachedTeacher"
+    assert teacher["init_args"]["manifest"] == str(tmp_path / "cache" / "train")
+    live = teacher["init_args"]["teacher"]
+    assert live["class_path"].endswith("WhisperTeacher") and live["init_args"]["model"] == str(bench.adapted)
+    assert libs["data"]["train"] == str(tmp_path / "cache" / "train" / "train-*.tar")
+    assert libs["data"]["val"] == str(tmp_path / "cache" / "val" / "val-*.tar")
+    alone = yaml.safe_load(bench.config("student_alone.yaml", "student_alone-seed0", 0, 100).read_text())
+    assert not alone["model"].get("teacher") and alone["data"]["train"] == str(tmp_path / "data" / "train-*.tar")

@@ -1,10 +1,16 @@
 """``xmodal cache``: run a teacher over shards once and write shards that carry its outputs.
 
-The new shards hold every original field untouched plus ``teacher.<output key>.npy`` (float16), and the
-output folder gets ``manifest.json`` with the teacher's identity (its :meth:`manifest`), the source pattern,
-the dtype and the sample count. :class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
+The new shards hold every original field untouched plus ``teacher.<output key>.npy`` (float outputs as float16,
+masks as bool, integer outputs as int32), and the output folder gets ``manifest.json`` with the teacher's identity
+(its :meth:`manifest`), the source pattern, the dtype and the sample count.
+:class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
 does not match the configured teacher. Outputs are computed on the un-augmented samples (the modalities'
 evaluation transform), so a cache is only valid for training without teacher-side augmentation.
+
+Variable-length outputs are stored trimmed: an output ``<key>`` with a bool ``<key>_mask`` (``B x T``), such as a
+speech teacher's ``audio.frames`` or ``audio.context``, keeps each sample's positions up to its last valid one, and
+the loader zero-pads them back to the longest in the batch (:func:`~xmodal.data.decoders.pad_stack`; masks pad with
+``False``). Other outputs of varying size are zero-padded too, so a padded integer output reads 0 past its end.
 
 Logits over a large vocabulary (Whisper's 51,864 tokens at every decoder position) are mostly storage for
 near-zero probabilities: ``top_k={"audio.logits": 64}`` keeps each position's ``k`` largest log-probabilities
@@ -34,6 +40,7 @@ from xmodal.data.wds import expand_shards, move_batch, prepare_on_device
 from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
 
 CACHE_DTYPE = np.float16
+MASK_SUFFIX = "_mask"  # ``<key>_mask`` (bool ``B x T``) marks the valid positions of output ``<key>``
 
 
 def _raw_batches(shards: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -60,9 +67,37 @@ def _to_arrays(outputs: dict[str, torch.Tensor], top_k: dict[str, int], stats: d
             stats["top_k"][key] = {"k": k, "size": size}
             arrays[key + TOPV] = values.cpu().numpy().astype(CACHE_DTYPE)
             arrays[key + TOPI] = indices.to(torch.int32).cpu().numpy()
+        elif value.dtype == torch.bool:
+            arrays[key] = value.cpu().numpy()
+        elif not value.is_floating_point():  # token ids: float16 is exact only up to 2048
+            arrays[key] = value.to(torch.int32).cpu().numpy()
         else:
             arrays[key] = value.detach().float().cpu().numpy().astype(CACHE_DTYPE)
     return arrays
+
+
+def _valid_lengths(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For each ``<key>_mask`` output (bool ``B x T``): each sample's length up to its last valid position."""
+    lengths = {}
+    for key, mask in arrays.items():
+        if key.endswith(MASK_SUFFIX) and mask.dtype == np.bool_ and mask.ndim == 2:
+            last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+            lengths[key.removesuffix(MASK_SUFFIX)] = np.where(mask.any(axis=1), last, 0)
+    return lengths
+
+
+def _sample_arrays(arrays: dict[str, np.ndarray], lengths: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Sample ``i``'s outputs, sequences trimmed to its length (their mask says where the batch padded them), so
+    that a cached sample does not depend on the batch it was computed in."""
+    sample = {}
+    for key, array in arrays.items():
+        base = key.removesuffix(MASK_SUFFIX).removesuffix(TOPV).removesuffix(TOPI)
+        length = lengths.get(base)
+        if length is not None and array.ndim >= 2 and array.shape[1] == arrays[base + MASK_SUFFIX].shape[1]:
+            sample[key] = array[i, : int(length[i])]
+        else:
+            sample[key] = array[i]
+    return sample
 
 
 def _with_outputs(
@@ -75,9 +110,10 @@ def _with_outputs(
         batch = prepare_on_device(move_batch(batch, device), modalities, train=False)
         with torch.inference_mode():
             arrays = _to_arrays(teacher(batch), top_k, stats)
+        lengths = _valid_lengths(arrays)
         for i, sample in enumerate(raw):
-            for key, array in arrays.items():
-                sample[f"{CACHE_FIELD_PREFIX}{key}.npy"] = array[i]
+            for key, array in _sample_arrays(arrays, lengths, i).items():
+                sample[f"{CACHE_FIELD_PREFIX}{key}.npy"] = array
             stats["count"] += 1
             yield sample
         progress.update(len(raw))

@@ -58,5 +58,22 @@ def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modal
         batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
     for key in items[0]:
         if key.startswith(CACHE_PREFIX):
-            batch[key] = torch.stack([item[key] for item in items])
+            batch[key] = pad_stack([item[key] for item in items], key)
     return batch
+
+
+def pad_stack(tensors: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    """Stack tensors of one rank, zero-padding (``False`` for masks) each dimension up to the largest size.
+
+    Cached sequence outputs (a teacher's frames or context vectors with their ``*_mask``) are stored trimmed per
+    sample, so a batch mixes lengths; padding with zeros keeps every mask false past its sample's length.
+    """
+    if len({t.dim() for t in tensors}) > 1:
+        raise ValueError(f"{name}: cannot batch tensors of ranks {sorted({t.dim() for t in tensors})}")
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors), strict=True)]
+    if all(list(t.shape) == shape for t in tensors):
+        return torch.stack(list(tensors))
+    out = tensors[0].new_zeros(len(tensors), *shape)
+    for i, tensor in enumerate(tensors):
+        out[i][tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out

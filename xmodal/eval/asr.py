@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch
+from xmodal.contracts import CACHE_PREFIX, Batch
 from xmodal.modalities.transcript import cer, normalize_transcript, wer
 
 AUDIO_SIBLINGS = (".wav", ".flac")
@@ -146,6 +146,9 @@ def alignment_maps(distiller: nn.Module, batch: Batch, count: int) -> list[Tenso
     if not frame_losses or teacher is None:
         raise ValueError("alignment plots need a recipe with a LIBSFrameLoss and a teacher (--config)")
     loss = frame_losses[0]
+    if getattr(teacher, "cache_manifest", None) is not None and not any(k.startswith(CACHE_PREFIX) for k in batch):
+        raise ValueError("the recipe's teacher is a CachedTeacher and these shards carry no cached outputs: plot "
+                         "with the live teacher (the CachedTeacher's `teacher:` as the recipe's teacher)")
     with torch.no_grad():
         s_out, t_out = distiller.student(batch), teacher(batch)  # type: ignore[operator]
         (s, s_mask), t_all = loss.select(s_out, t_out)

@@ -1,0 +1,160 @@
+"""Caching a speech teacher: variable-length frames and context vectors are stored trimmed per sample and padded
+back per batch, masks stay bool, and a LIBS loss on the cached outputs equals the loss on the live teacher."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from xmodal.data.cache import cache_teacher
+from xmodal.data.decoders import pad_stack
+from xmodal.data.shards import write_shards
+from xmodal.data.wds import make_pipeline, prepare_on_device
+from xmodal.losses.libs import LIBSContextLoss, LIBSFrameLoss
+from xmodal.modalities.audio import AudioModality
+from xmodal.modalities.transcript import TranscriptModality
+from xmodal.students.asr import ConformerASR
+from xmodal.teachers.cached import CachedTeacher
+from xmodal.teachers.conformer import ConformerTeacher
+
+SECONDS = (0.5, 1.7, 0.9, 1.2, 0.6, 1.5, 0.8)
+TEXTS = ("bin blue", "set red by g nine again", "lay", "place white at t", "now", "bin green with z two soon", "ok")
+
+
+def test_pad_stack_pads_every_dimension_with_zeros_and_false() -> None:
+    a, b = torch.ones(2, 3), torch.full((4, 1), 2.0)
+    out = pad_stack([a, b])
+    assert out.shape == (2, 4, 3)
+    assert torch.equal(out[0], torch.tensor([[1.0, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]]))
+    assert torch.equal(out[1], torch.tensor([[2.0, 0, 0], [2, 0, 0], [2, 0, 0], [2, 0, 0]]))
+    masks = pad_stack([torch.tensor([True, True]), torch.tensor([True])])
+    assert masks.dtype == torch.bool and masks.tolist() == [[True, True], [True, False]]
+    same = [torch.randn(3), torch.randn(3)]
+    assert torch.equal(pad_stack(same), torch.stack(same))
+    with pytest.raises(ValueError, match="ranks"):
+        pad_stack([torch.zeros(2), torch.zeros(2, 2)])
+
+
+def flac_bytes(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * 16000)) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t) + 0.05 * rng.standard_normal(t.shape)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave.astype(np.float32), 16000, format="FLAC")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ConformerTeacher]:
+    """Seven utterances of different lengths cached by a tiny random conformer teacher in batches of 4 and 3."""
+    root = tmp_path_factory.mktemp("speech")
+    samples = [{"__key__": f"utt{i:02d}", "flac": flac_bytes(s, i), "txt": text}
+               for i, (s, text) in enumerate(zip(SECONDS, TEXTS, strict=True))]
+    write_shards(samples, root / "raw", "train")
+    torch.manual_seed(0)
+    ConformerASR(dim=16, depth=1, heads=2, decoder_depth=1, kernel=5, dropout=0.0, max_chars=64).export(root / "asr")
+    teacher = ConformerTeacher(str(root / "asr"))
+    cache_teacher(teacher, modalities(), str(root / "raw" / "train-*.tar"), root / "cache", batch_size=4)
+    return root, teacher
+
+
+def modalities() -> list[Any]:
+    return [AudioModality(), TranscriptModality()]
+
+
+def cached_fields(tar: Path) -> dict[str, dict[str, np.ndarray]]:
+    fields: dict[str, dict[str, np.ndarray]] = {}
+    with tarfile.open(tar) as archive:
+        for member in archive.getmembers():
+            key, _, field = member.name.partition(".")
+            if field.startswith("teacher."):
+                data = archive.extractfile(member)
+                assert data is not None
+                fields.setdefault(key, {})[field] = np.load(io.BytesIO(data.read()))
+    return fields
+
+
+def test_sequences_are_stored_trimmed_with_bool_masks(speech_cache: tuple[Path, ConformerTeacher]) -> None:
+    root, _ = speech_cache
+    fields = cached_fields(next((root / "cache").glob("train-*.tar")))
+    assert len(fields) == len(SECONDS)
+    for key, arrays in fields.items():
+        i = int(key.removeprefix("utt"))
+        frames, mask = arrays["teacher.audio.frames.npy"], arrays["teacher.audio.frames_mask.npy"]
+        assert mask.dtype == np.bool_ and mask.all() and frames.shape[0] == mask.shape[0]
+        context_mask = arrays["teacher.audio.context_mask.npy"]
+        assert context_mask.dtype == np.bool_ and context_mask.shape == (len(TEXTS[i]),)
+        assert arrays["teacher.audio.context.npy"].shape == (len(TEXTS[i]), 16)
+        assert arrays["teacher.audio.frames.npy"].dtype == np.float16
+    frames = [fields[f"utt{i:02d}"]["teacher.audio.frames.npy"].shape[0] for i in range(len(SECONDS))]
+    by_duration = [frames[i] for i in np.argsort(SECONDS)]
+    assert by_duration == sorted(by_duration) and by_duration[0] < by_duration[-1]  # longer audio, more frames
+
+
+def test_cached_batches_mix_lengths_and_match_the_live_teacher(speech_cache: tuple[Path, ConformerTeacher]) -> None:
+    root, teacher = speech_cache
+    mods = modalities()
+    cached = CachedTeacher(str(root / "cache"), teacher)
+    frame_loss = LIBSFrameLoss(student_dim=16, teacher_dim=16, alignment="interpolate")
+    context_loss = LIBSContextLoss(student_dim=16, teacher_dim=16)
+    batches = make_pipeline(str(root / "cache" / "train-*.tar"), mods, batch_size=3, train=False)
+    seen = 0
+    for batch in batches:  # batches of 3 straddle the cache's batches of 4: lengths come from different paddings
+        batch = prepare_on_device(batch, mods, train=False)
+        served, live = cached(batch), teacher(batch)
+        for key in ("audio.frames_mask", "audio.context_mask"):
+            assert served[key].dtype == torch.bool and torch.equal(served[key], live[key])
+        for key in ("audio.frames", "audio.context", "audio.sequence"):
+            assert served[key].shape == live[key].shape
+            assert torch.allclose(served[key], live[key], atol=2e-3, rtol=2e-3), key
+        n_video = (batch["audio_lengths"] * 25 // 16000).clamp(min=1)  # 25 fps video of the same utterances
+        video_mask = torch.arange(int(n_video.max()))[None] < n_video[:, None]
+        video = torch.randn(len(n_video), video_mask.shape[1], 16)
+        char_mask = live["audio.context_mask"]
+        chars = torch.randn(*char_mask.shape, 16)
+        for loss, student in ((frame_loss, (video, video_mask)), (context_loss, (chars, char_mask))):
+            key = "audio.frames" if loss is frame_loss else "audio.context"
+            cached_value = loss(student, (served[key], served[key + "_mask"]), batch)
+            live_value = loss(student, (live[key], live[key + "_mask"]), batch)
+            assert torch.allclose(cached_value, live_value, rtol=1e-3), loss.name
+        seen += len(batch["transcript"])
+    assert seen == len(SECONDS)
+
+
+def audio_front_ends() -> dict[str, Any]:
+    from xmodal.modalities.audio import AudioEncoder
+    from xmodal.students.lipreader import AudioFrontend
+
+    torch.manual_seed(0)
+    asr = ConformerASR(dim=16, depth=1, heads=2, decoder_depth=1, kernel=5, dropout=0.0).eval()
+    return {"conformer": asr.encode, "audio-encoder": AudioEncoder(dim=16, depth=1, heads=2, stride=4,
+                                                                   dropout=0.0).eval(),
+            "lipreader-audio": AudioFrontend(dim=16, stride=4)}
+
+
+@pytest.mark.parametrize("name", ["conformer", "audio-encoder", "lipreader-audio"])
+def test_a_clips_audio_features_do_not_depend_on_its_batch(name: str) -> None:
+    """Alone or padded into a batch with a longer clip, a clip's frames are the same (the STFT's reflect padding
+    and every conv's zero padding see the clip's own end, not the batch's)."""
+    encode = audio_front_ends()[name]
+    torch.manual_seed(1)
+    long, short = torch.randn(20000) * 0.3, torch.randn(12345) * 0.3
+    batch = torch.stack([long, nn_pad(short, 20000)])
+    with torch.no_grad():
+        together, lengths = encode(batch, torch.tensor([20000, 12345]))
+        alone, alone_lengths = encode(short[None], torch.tensor([12345]))
+    n = int(alone_lengths[0]) if alone_lengths.dim() == 1 else int(alone_lengths[0].sum())
+    assert int(lengths[1]) == n if lengths.dim() == 1 else int(lengths[1].sum()) == n
+    assert torch.allclose(together[1, :n], alone[0, :n], atol=1e-5)
+    assert n < together.shape[1]
+
+
+def nn_pad(wave: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(wave, (0, length - wave.shape[0]))

@@ -72,9 +72,12 @@ class TowerGates(nn.Module):
     """The gates of one tower: ``layer`` (``L``), ``mlp`` (``L x M``) and, if enabled, ``head`` (``L x H``)."""
 
     def __init__(self, layers: int, width: int, heads: int, mlp: int, gate_heads: bool, init_keep: float,
-                 init_noise: float = 0.0) -> None:
+                 init_noise: float = 0.0, min_layers: int = 1) -> None:
         super().__init__()
+        if not 0 <= min_layers <= layers:
+            raise ValueError(f"min_layers must be in [0, {layers}], got {min_layers}")
         self.width, self.heads, self.mlp_width, self.head_dim = width, heads, mlp, width // heads
+        self.min_layers = min_layers
         self.layer = HardConcreteGate((layers,), init_keep, init_noise)
         self.mlp = HardConcreteGate((layers, mlp), init_keep, init_noise)
         self.head = HardConcreteGate((layers, heads), init_keep, init_noise) if gate_heads else None
@@ -83,10 +86,19 @@ class TowerGates(nn.Module):
         """Parameters of one head and of one MLP neuron."""
         return 4 * self.width * self.head_dim + 3 * self.head_dim, 2 * self.width + 1
 
+    def floor(self) -> Tensor:
+        """``L``: 1 at the ``min_layers`` blocks with the highest ``log_alpha``, else 0. Their layer gates never go
+        below 1. A tower with every block gated off pools the same token whatever its input: the CLIP loss sits at
+        ``ln(batch)`` and no task gradient reaches the closed gates (the automatic-inheritance collapse seen on
+        digits), so at least one block always stays."""
+        log_alpha = self.layer.log_alpha.detach()
+        best = log_alpha.topk(self.min_layers).indices
+        return torch.zeros_like(log_alpha).scatter(0, best, 1.0)
+
     def expected_kept(self) -> tuple[Tensor, float]:
         """``(expected kept prunable params, total prunable params)``; differentiable in the first."""
         c_head, c_neuron = self.cost()
-        p_layer, p_mlp = self.layer.prob_nonzero(), self.mlp.prob_nonzero()
+        p_layer, p_mlp = torch.maximum(self.layer.prob_nonzero(), self.floor()), self.mlp.prob_nonzero()
         heads = self.head.prob_nonzero().sum(1) if self.head is not None else torch.full_like(p_layer, self.heads)
         kept = (p_layer * (heads * c_head + p_mlp.sum(1) * c_neuron)).sum()
         return kept, float(p_layer.numel() * (self.heads * c_head + self.mlp_width * c_neuron))
@@ -97,9 +109,9 @@ class TowerGates(nn.Module):
         ones = torch.ones(self.layer.log_alpha.shape[0], self.heads, device=self.layer.log_alpha.device)
         if training:
             head = self.head.sample() if self.head is not None else ones
-            return {"layer": self.layer.sample(), "mlp": self.mlp.sample(), "head": head}
-        layer = self.layer.deterministic()
-        kept = self.kept_layers(layer)  # if every gate is 0, the best block is kept with gate 0 (a no-op block)
+            return {"layer": torch.maximum(self.layer.sample(), self.floor()), "mlp": self.mlp.sample(), "head": head}
+        layer = torch.maximum(self.layer.deterministic(), self.floor())
+        kept = self.kept_layers(layer)  # min_layers=0 and every gate 0: the best block is kept as a no-op (gate 0)
         k_mlp = max(1, int(round(float((self.mlp.deterministic()[kept] > 0).sum(1).float().mean()))))
         mlp_idx, mlp = top_k(self.mlp, k_mlp)
         head = ones if self.head is None else self.head.deterministic()
@@ -148,19 +160,20 @@ class MaskedCLIP(nn.Module):
         gate_heads: also gate attention heads (folded, not removed, by :func:`prune`; see the module docstring).
         init_keep: initial ``sigmoid(log_alpha)`` of every gate (0.95: the deterministic gates start at 1).
         init_noise: standard deviation of Gaussian noise added to the initial ``log_alpha`` (CoFi uses 0.01).
+        min_layers: blocks per tower that are never gated off (the best-scored ones; see :meth:`TowerGates.floor`).
     """
 
     output_keys = ("image.emb", "text.emb", "logit_scale", "sparsity.expected")
 
     def __init__(self, student: CLIPStudent, gate_heads: bool = False, init_keep: float = 0.95,
-                 init_noise: float = 0.0) -> None:
+                 init_noise: float = 0.0, min_layers: int = 1) -> None:
         super().__init__()
         self.student = student
         cfg = clip_config(student)
         self.gates = nn.ModuleDict()
         for tower in ("vision", "text"):
             layers, width, heads, mlp = tower_dims(cfg, tower)
-            self.gates[tower] = TowerGates(layers, width, heads, mlp, gate_heads, init_keep, init_noise)
+            self.gates[tower] = TowerGates(layers, width, heads, mlp, gate_heads, init_keep, init_noise, min_layers)
         for block in [*student.model.visual.transformer.resblocks, *student.model.transformer.resblocks]:
             if not isinstance(block.ls_1, nn.Identity) or not isinstance(block.ls_2, nn.Identity):
                 raise TypeError("MaskedCLIP supports open_clip's default residual blocks without layer scale")

@@ -144,8 +144,41 @@ def test_masked_model_with_open_gates_equals_student(tokenizer: Path) -> None:
         m, t = masked(batch()), teacher(batch())
     torch.testing.assert_close(m["image.emb"], t["image.emb"], atol=1e-5, rtol=0)
     torch.testing.assert_close(m["text.emb"], t["text.emb"], atol=1e-5, rtol=0)
-    assert float(m["sparsity.expected"]) == pytest.approx(1 / (1 + math.exp(-(math.log(19) - 2 / 3 * math.log(1 / 11))))
-                                                           ** 2, rel=1e-5)
+    p = 1 / (1 + math.exp(-(math.log(19) - 2 / 3 * math.log(1 / 11))))  # P(z != 0) of every gate at init_keep 0.95
+    blocks = {"vision": 4, "text": 3}  # one block per tower is floored: its layer gate counts as kept for sure
+    kept = sum((1 + (n - 1) * p) * p / n * masked.gates[t].expected_kept()[1]  # type: ignore[operator]
+               for t, n in blocks.items())
+    total = sum(masked.gates[t].expected_kept()[1] for t in blocks)  # type: ignore[operator]
+    assert float(m["sparsity.expected"]) == pytest.approx(kept / total, rel=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_closed_towers_collapse_unless_one_block_is_floored(tokenizer: Path, training: bool) -> None:
+    """Every layer gate shut: without the floor each tower pools the same token for every input (constant
+    embeddings, the CLIP loss stuck at ln(batch)); with ``min_layers=1`` the best-scored block stays fully on."""
+    embeddings = {}
+    for min_layers in (0, 1):
+        masked = MaskedCLIP(make_teacher(tokenizer), min_layers=min_layers).train(training)
+        with torch.no_grad():
+            for gates in masked.gates.values():
+                gates.layer.log_alpha.fill_(-20.0)
+                gates.layer.log_alpha[1] = -19.0  # the best-scored block: the one the floor keeps
+            out = masked(batch())
+            layer = masked.gates["vision"].masks(training)["layer"]  # type: ignore[operator]
+        assert layer.tolist() == ([0.0, 1.0, 0.0, 0.0] if min_layers else [0.0] * 4)
+        embeddings[min_layers] = out
+    for key in ("image.emb", "text.emb"):
+        closed, floored = embeddings[0][key], embeddings[1][key]
+        assert torch.allclose(closed, closed[:1].expand_as(closed), atol=1e-5)  # one embedding for every input
+        assert (floored - floored[:1]).abs().amax() > 1e-2
+    masked = MaskedCLIP(make_teacher(tokenizer), min_layers=1)
+    with torch.no_grad():
+        for gates in masked.gates.values():
+            gates.layer.log_alpha.fill_(-20.0)
+    pruned = prune(masked)
+    assert pruned.init_args["vision_cfg"]["layers"] == 1 and pruned.init_args["text_cfg"]["layers"] == 1
+    with pytest.raises(ValueError, match="min_layers"):
+        MaskedCLIP(make_teacher(tokenizer), min_layers=4)
 
 
 def test_hard_concrete_probability_and_expected_sparsity_by_hand() -> None:

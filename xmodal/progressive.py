@@ -25,7 +25,7 @@ Optional top-level key ``teacher_cache``: a folder written by ``xmodal cache`` f
 then reads the teacher's outputs from its shards (``data.train`` is replaced) instead of running the teacher.
 
 Optional stage keys: ``warmup_steps`` and ``sparsity_weight`` (the sparsity loss), ``gate_heads``, ``init_keep`` and
-``init_noise`` (the gates, see :class:`~xmodal.students.autoinherit.MaskedCLIP`).
+``init_noise``, ``min_layers`` (the gates, see :class:`~xmodal.students.autoinherit.MaskedCLIP`).
 
 A stage's target is converted to the kept fraction of its own input model, ``min(1, target * P_0 / P_k)``, with
 ``P`` counting the parameters of heads and MLP neurons (:func:`~xmodal.students.autoinherit.prunable_params`).
@@ -83,7 +83,8 @@ def stage_config(
     inherit = {"teacher_dir": source}
     if spec.get("tokenizer"):
         inherit["tokenizer"] = spec["tokenizer"]
-    masked: dict[str, Any] = {k: stage[k] for k in ("gate_heads", "init_keep", "init_noise") if k in stage}
+    gate_keys = ("gate_heads", "init_keep", "init_noise", "min_layers")
+    masked: dict[str, Any] = {k: stage[k] for k in gate_keys if k in stage}
     masked["student"] = {"class_path": "xmodal.students.inherit.InheritCLIPStudent", "init_args": inherit}
     model["student"] = {"class_path": "xmodal.students.autoinherit.MaskedCLIP", "init_args": masked}
     live_teacher = {"class_path": "xmodal.teachers.open_clip.OpenCLIPTeacher",

@@ -58,18 +58,26 @@ PRETRAIN = ("clip_teacher", "clip_student")
 STAMP = "xmodal_bench_config.yaml"  # the config a finished run was trained from, in its export folder
 # the digits teacher stays at chance at the recipe's lr 2e-3, as bench/clip_compression.py found for the same CLIP
 PRETRAIN_OPTIMIZER = {"digits": {"clip_teacher": {"lr": 1e-3}}}
+PER_SEED = ("teacher_prompted", "student_labels_only", "student_promptkd", "class_vectors.safetensors")
 TEACHER_MIN_HM = 0.3  # three times chance (10 classes): below it the zero-shot teacher did not learn
 
 
-def relocate(value: Any, work: Path, data: Path) -> Any:
-    """Point a config's default work and data folders at ``work`` and ``data`` (nested dicts and lists)."""
+def replace_paths(value: Any, mapping: dict[str, str]) -> Any:
+    """Replace each ``mapping`` key by its value in every string of a nested config (dicts and lists)."""
     if isinstance(value, str):
-        return value.replace(CONFIG_WORK, str(work)).replace(CONFIG_DATA, str(data))
+        for old, new in mapping.items():
+            value = value.replace(old, new)
+        return value
     if isinstance(value, dict):
-        return {k: relocate(v, work, data) for k, v in value.items()}
+        return {k: replace_paths(v, mapping) for k, v in value.items()}
     if isinstance(value, list):
-        return [relocate(v, work, data) for v in value]
+        return [replace_paths(v, mapping) for v in value]
     return value
+
+
+def relocate(value: Any, work: Path, data: Path) -> Any:
+    """Point a config's default work and data folders at ``work`` and ``data``."""
+    return replace_paths(value, {CONFIG_WORK: str(work), CONFIG_DATA: str(data)})
 
 
 def fit(name: str, work: Path, data: Path, seed: int, steps: int,
@@ -80,6 +88,8 @@ def fit(name: str, work: Path, data: Path, seed: int, steps: int,
     from xmodal.cli import main as xmodal_main
 
     config = relocate(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), work, data)
+    if name not in PRETRAIN:  # each seed's prompt learners and class vectors get their own folders and file
+        config = replace_paths(config, {str(work / out): str(work / per_seed(out, seed)) for out in PER_SEED})
     config["seed_everything"] = seed
     config["trainer"]["max_steps"] = steps
     config["trainer"]["log_every_n_steps"] = max(1, min(20, steps // 2))
@@ -102,6 +112,12 @@ def fit(name: str, work: Path, data: Path, seed: int, steps: int,
     xmodal_main(["fit", "--config", str(path)])
     stamp.write_text(text)
     return path
+
+
+def per_seed(path: str, seed: int) -> str:
+    """``teacher_prompted`` -> ``teacher_prompted-seed1``; ``x.safetensors`` -> ``x-seed1.safetensors``."""
+    stem, dot, suffix = path.partition(".")
+    return f"{stem}-seed{seed}{dot}{suffix}"
 
 
 def set_optimizer(config: dict[str, Any], **init_args: Any) -> None:
@@ -180,7 +196,7 @@ def run_corpus(name: str, args: argparse.Namespace) -> dict[str, Any]:
         shots = write_fewshot_shards(str(data / "train-*.tar"), work / f"fewshot-seed{seed}", split,
                                      shots=args.shots, seed=seed)
         stage1 = export_dir(fit("teacher_stage1", work, data, seed, args.stage1_steps, partial(use_shots, shots=shots)))
-        vectors = store_class_vectors(create_model(str(stage1)), work / "class_vectors.safetensors")
+        vectors = store_class_vectors(create_model(str(stage1)), work / per_seed("class_vectors.safetensors", seed))
         teacher = create_model(str(stage1))
         stored = load_class_vectors(vectors, teacher=teacher.identity(), classes=split.classes).vectors
         rows.append({"method": METHODS[1], "seed": seed, **evaluate(teacher, data, split, [], size, stored)})

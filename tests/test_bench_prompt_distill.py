@@ -39,3 +39,22 @@ def test_retraining_a_pretrained_clip_invalidates_the_later_runs(tmp_path: Path,
     run("student_stage2")
     run("clip_student")  # not built on the teacher: still reused
     assert trained[4:] == ["clip_teacher-seed0", "teacher_stage1-seed0", "student_stage2-seed0"]
+
+
+def test_each_seed_trains_into_its_own_folders_and_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[str] = []
+
+    def fake_fit(argv: list[str]) -> None:
+        trained.append(Path(argv[-1]).stem)
+        export_dir(Path(argv[-1])).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(xmodal.cli, "main", fake_fit)
+    work, data = tmp_path / "work", tmp_path / "data"
+    for seed in (0, 1, 0, 1):
+        path = fit("student_stage2", work, data, seed, 10)
+    assert trained == ["student_stage2-seed0", "student_stage2-seed1"]  # the second round reuses both
+    text = path.read_text()
+    assert str(work / "student_promptkd-seed1") in text and str(work / "teacher_prompted-seed1") in text
+    assert str(work / "class_vectors-seed1.safetensors") in text and "seed0" not in text
+    assert export_dir(path) == work / "student_promptkd-seed1"
+    assert prompt_distill.per_seed("class_vectors.safetensors", 2) == "class_vectors-seed2.safetensors"

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.lipreading_report import mean_std
+from bench.lipreading_report import SMOKE_BANNER, format_pm, mean_std
 
 PAPER_GAIN = (2.0, 3.2)  # UniDistill (CVPR 2023): mAP and NDS gains of its students on nuScenes, points
 LABELS: dict[str, str] = {
@@ -31,14 +31,6 @@ NDS_NOTE = ("NDS here is nuScenes' formula over the three TP errors that exist (
             "NDS = (5 mAP + Σ over ATE, ASE, AOE of (1 − min(1, mE))) / 8. The official NDS divides by 10 over five "
             "errors (AVE and AAE as well), so the two are not comparable number for number "
             "(`xmodal/eval/bev.py`).")
-
-
-def format_pm(stats: tuple[float, float] | None, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    """``(0.253, 0.012)`` -> ``"25.3 ± 1.2"`` (``sign``: ``"+25.3 ± 1.2"``); ``None`` -> ``"–"``."""
-    if stats is None:
-        return "–"
-    mean = f"{stats[0] * scale:+.{digits}f}" if sign else f"{stats[0] * scale:.{digits}f}"
-    return f"{mean} ± {stats[1] * scale:.{digits}f}"
 
 
 def seed_values(runs: Mapping[str, Any], row: str, metric: str) -> dict[int, float]:
@@ -175,8 +167,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     seeds = sorted({run["seed"] for run in results.get("runs", {}).values()})
     out = ["# BEV UniDistill benchmark", ""]
     if config.get("smoke"):
-        out += ["> **SMOKE RUN: not a measurement.** A few steps on a tiny corpus, to check the pipeline end to end. "
-                "The numbers below mean nothing about the methods.", ""]
+        out += SMOKE_BANNER
     out += [f"Corpus `{config['data']}` (bev-scenes {corpus.get('size')}, synthetic: {corpus.get('counts')} scenes, "
             f"images {corpus.get('image_size')}), test split. Budget: {config['steps']} optimizer steps per student, "
             f"{config['teacher_steps']} per teacher (LiDAR and fusion, one per seed; each distilled student of seed s "

@@ -288,16 +288,17 @@ def ensure_cache(bench: Bench) -> dict[str, Any]:
 
     root = bench.work / "cache"
     device = "cuda" if bench.args.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    missing = [split for split in ("train", "val") if not (root / split / "manifest.json").is_file()]
+    if missing:
+        teacher = WhisperTeacher(model=str(bench.adapted), seconds=4.0)
+        modalities = [AudioModality(sample_rate=16000, max_seconds=4.0), TranscriptModality()]
+    for split in missing:
+        print(f"[bench] caching the adapted Whisper's outputs on {split}")
+        cache_teacher(teacher, modalities, str(bench.data / f"{split}-*.tar"), root / split,
+                      batch_size=bench.args.eval_batch_size, device=device)
     summary = {}
     for split in ("train", "val"):
-        manifest = root / split / "manifest.json"
-        if not manifest.is_file():
-            print(f"[bench] caching the adapted Whisper's outputs on {split}")
-            teacher = WhisperTeacher(model=str(bench.adapted), seconds=4.0)
-            modalities = [AudioModality(sample_rate=16000, max_seconds=4.0), TranscriptModality()]
-            cache_teacher(teacher, modalities, str(bench.data / f"{split}-*.tar"), root / split,
-                          batch_size=bench.args.eval_batch_size, device=device)
-        written = json.loads(manifest.read_text())
+        written = json.loads((root / split / "manifest.json").read_text())
         summary[split] = {"count": written["count"], "seconds": written["seconds"], "shards": written["shards"]}
     bench.cache = root
     return summary

@@ -42,11 +42,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def format_pm(stats: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
-    """``(0.253, 0.012)`` -> ``"25.3 ± 1.2"``; ``None`` -> ``"–"``."""
+def format_pm(stats: tuple[float, float] | None, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    """``(0.253, 0.012)`` -> ``"25.3 ± 1.2"`` (``sign``: ``"+25.3 ± 1.2"``); ``None`` -> ``"–"``."""
     if stats is None:
         return "–"
-    return f"{stats[0] * scale:.{digits}f} ± {stats[1] * scale:.{digits}f}"
+    mean = f"{stats[0] * scale:+.{digits}f}" if sign else f"{stats[0] * scale:.{digits}f}"
+    return f"{mean} ± {stats[1] * scale:.{digits}f}"
+
+
+SMOKE_BANNER = ["> **SMOKE RUN: not a measurement.** A few steps on a tiny corpus, to check the pipeline end to end. "
+                "The numbers below mean nothing about the methods.", ""]
 
 
 def seed_values(runs: Mapping[str, Any], method: str, subset: str, metric: str) -> dict[int, float]:
@@ -190,8 +195,7 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
     table = aggregate(runs, methods)
     out = ["# Lip-reading benchmark (LIBS, MixSpeech)", ""]
     if cfg.get("smoke"):
-        out += ["> **SMOKE RUN: not a measurement.** A few steps on the tiny corpus, to check the pipeline end to "
-                "end. The numbers below mean nothing about the methods.", ""]
+        out += SMOKE_BANNER
     out += [f"Corpus `{cfg['data']}` (AVSpeech-GRID, synthetic), {cfg['steps']} optimizer steps per student, seeds "
             f"{cfg['seeds']}, batch {cfg['batch_size']}, Whisper adapted for {cfg['adapt_steps']} steps, conformer "
             f"teacher {cfg['conformer_steps']} steps, beam {cfg['beam_size']}, device `{cfg['device']}`. Error rates "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,3 +64,19 @@ def build_tiny_workspace(cache_device: str = "cpu") -> None:
     save_open_clip_dir(CLIPStudent(**tiny_clip_args("runs/data/shapes-tiny/tokenizer")), "runs/tiny/clip_teacher")
     main(["cache", "--config", str(ROOT / "configs/tiny/cache/clip.yaml"), "--device", cache_device])
     make_corpus("avsync", "runs/data/avsync-tiny", n_train=8, n_val=4, n_test=4, shard_size=4, progress=False)
+
+
+def train_steps(module: Any, batch: dict[str, Any], steps: int, lr: float,
+                params: Iterable[torch.nn.Parameter] | None = None) -> list[float]:
+    """A few AdamW steps of a Distiller's summed losses on one batch (``params``: default every trainable parameter
+    of ``module``); the loss after each step."""
+    trainable = list(params) if params is not None else [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    values = []
+    for _ in range(steps):
+        total, _ = module.compute_losses(batch)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        values.append(total.item())
+    return values

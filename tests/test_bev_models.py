@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import train_steps
 from xmodal.distiller import Distiller
 from xmodal.losses.bev import (
     BEVDetectionLoss,
@@ -171,22 +172,10 @@ def test_targets_decode_back_to_the_boxes() -> None:
         assert pred["labels"][order].tolist() == batch["box_labels"][i, :n][truth_order].tolist()
 
 
-def train_steps(distiller: Distiller, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        total, _ = distiller.compute_losses(batch)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(total.item())
-    return losses
-
-
 def test_detection_training_lowers_the_loss() -> None:
     torch.manual_seed(0)
     distiller = Distiller(BEVDetector("lidar", **TINY), [BEVDetectionLoss(TINY_GRID)])
-    losses = train_steps(distiller, synthetic_batch(SCENES), 25)
+    losses = train_steps(distiller, synthetic_batch(SCENES), 25, lr=3e-3)
     assert losses[-1] < 0.6 * losses[0]
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import train_steps
 from xmodal.convert import convert_whisper_ct2, ct2_to_hf_state_dict, hf_to_ct2, read_ct2, write_ct2
 from xmodal.distiller import Distiller
 from xmodal.modalities.transcript import CharVocab, normalize_transcript
@@ -87,18 +87,6 @@ def synthetic_batch(seconds: tuple[float, ...] = (1.2, 2.0), seed: int = 0) -> d
 
 
 # ---------------------------------------------------------------- converter
-
-def train_steps(module: Distiller, model: torch.nn.Module, batch: dict[str, Any], steps: int, lr: float) -> list[float]:
-    """A few AdamW steps of ``module``'s summed losses on one batch; the loss after each step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    values = []
-    for _ in range(steps):
-        total, _ = module.compute_losses(batch)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        values.append(total.item())
-    return values
 
 def test_ct2_file_round_trip(ct2_folder: tuple[Path, object], tmp_path: Path) -> None:
     folder, model = ct2_folder
@@ -289,7 +277,7 @@ def test_adaptation_trains_and_exports(hf_folder: Path, tmp_path: Path) -> None:
     tokens = [student.text_tokens(t)[0] for t in batch["transcript"]]
     assert out["audio.token_logits"].shape[:2] == out["audio.token_targets"].shape
     assert out["audio.token_targets"][0, : len(tokens[0]) + 1].tolist() == tokens[0] + [student.eos_id]
-    losses = train_steps(module, student, batch, steps=8, lr=3e-3)
+    losses = train_steps(module, batch, steps=8, lr=3e-3, params=student.parameters())
     assert losses[-1] < losses[0]
     student.export(tmp_path / "adapted")
     assert student.model.get_encoder().embed_positions.weight.shape[0] == 100  # still sliced after export
@@ -364,7 +352,7 @@ def test_conformer_trains_exports_and_teaches(tmp_path: Path) -> None:
     losses = [CharCTCLoss(["audio.ctc_logits", "audio.frames_mask"], weight=0.3), CharCELoss("audio.char_logits")]
     module = Distiller(model, losses, teacher=None)
     batch = synthetic_batch()
-    values = train_steps(module, model, batch, steps=10, lr=1e-2)
+    values = train_steps(module, batch, steps=10, lr=1e-2, params=model.parameters())
     assert values[-1] < values[0]
     model.export(tmp_path / "conformer")
     teacher = ConformerTeacher(str(tmp_path / "conformer"))

@@ -197,6 +197,17 @@ class LogMel(nn.Module):
         return feats * valid, frames
 
 
+def conv_frontend(n_mels: int, dim: int, stride: int, name: str = "stride") -> nn.Sequential:
+    """Conv1d (kernel 3) + GELU, then ``log2(stride)`` stride-2 convs + GELU: log-mel ``B x n_mels x F`` ->
+    ``B x dim x ceil(F / stride)`` (run it with :func:`masked_convs`). ``name``: the argument named in errors."""
+    if stride < 1 or stride & (stride - 1):
+        raise ValueError(f"{name} must be a power of two, got {stride}")
+    layers: list[nn.Module] = [nn.Conv1d(n_mels, dim, 3, padding=1), nn.GELU()]
+    for _ in range(int(math.log2(stride))):
+        layers += [nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
 def masked_convs(layers: nn.Sequential, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Run conv1d/activation ``layers`` over ``B x C x T`` (stride-2 convs halve ``lengths``, rounding up), zeroing
     every activation past each clip's length: the next conv reads those positions at the clip's end, and they must
@@ -229,22 +240,10 @@ class AudioEncoder(nn.Module):
         n_fft: int = 400, hop_length: int = 160, n_mels: int = 80, mlp_ratio: float = 4.0, dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if stride < 1 or stride & (stride - 1):
-            raise ValueError(f"stride must be a power of two, got {stride}")
         self.logmel = LogMel(sample_rate, n_fft, hop_length, n_mels)
-        layers: list[nn.Module] = [nn.Conv1d(n_mels, dim, 3, padding=1), nn.GELU()]
-        self.num_strided = int(math.log2(stride))
-        for _ in range(self.num_strided):
-            layers += [nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU()]
-        self.frontend = nn.Sequential(*layers)
+        self.frontend = conv_frontend(n_mels, dim, stride)
         self.transformer = TemporalTransformer(dim, depth, heads, mlp_ratio, dropout)
         self.dim = dim
-
-    def output_lengths(self, frames: Tensor) -> Tensor:
-        """Lengths after the strided convs (kernel 3, padding 1, stride 2): ``ceil(frames / 2)`` per conv."""
-        for _ in range(self.num_strided):
-            frames = torch.div(frames + 1, 2, rounding_mode="floor")
-        return frames
 
     def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if wave.dtype == torch.int16:

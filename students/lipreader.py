@@ -30,7 +30,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from xmodal.contracts import Batch, Outputs, Student, Teacher, freeze, to_float_image
 from xmodal.losses.sequence import resample_to
-from xmodal.modalities.audio import INT16_SCALE, LogMel, TemporalTransformer, lengths_to_mask, masked_convs
+from xmodal.modalities.audio import (
+    INT16_SCALE,
+    LogMel,
+    TemporalTransformer,
+    conv_frontend,
+    lengths_to_mask,
+    masked_convs,
+)
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 from xmodal.modalities.transcript import CharVocab, decoder_targets, sentence_cer
 from xmodal.modalities.video import _conv_bn
@@ -81,14 +88,8 @@ class AudioFrontend(nn.Module):
 
     def __init__(self, dim: int, stride: int = 4, n_mels: int = 40, sample_rate: int = 16000) -> None:
         super().__init__()
-        if stride < 1 or stride & (stride - 1):
-            raise ValueError(f"audio_stride must be a power of two, got {stride}")
         self.logmel = LogMel(sample_rate, n_fft=400, hop_length=160, n_mels=n_mels)
-        layers: list[nn.Module] = [nn.Conv1d(n_mels, dim, 3, padding=1), nn.GELU()]
-        self.num_strided = int(math.log2(stride))
-        for _ in range(self.num_strided):
-            layers += [nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU()]
-        self.convs = nn.Sequential(*layers)
+        self.convs = conv_frontend(n_mels, dim, stride, name="audio_stride")
 
     def forward(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if wave.dtype == torch.int16:

@@ -161,6 +161,41 @@ def student_table(table: Mapping[str, Any], methods: Sequence[str], subset: str)
     return lines
 
 
+def summarize_log(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """From a run's CSVLogger rows: the mean ``train/*/kept_fraction`` (the share of the batch the LIBS CER filter let
+    through; the granularities share one filter, so their mean is theirs) and the last ``val/char_ce``."""
+    kept = [float(v) for row in rows for k, v in row.items()
+            if k.startswith("train/") and k.endswith("/kept_fraction") and v not in ("", None)]
+    val = [float(row["val/char_ce"]) for row in rows if row.get("val/char_ce") not in ("", None)]
+    summary: dict[str, float] = {}
+    if kept:
+        summary["kept_fraction"] = statistics.fmean(kept)
+    if val:
+        summary["final_val_char_ce"] = val[-1]
+    return summary
+
+
+def training_table(runs: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+    """Markdown rows per method: median step seconds, the LIBS filter's kept fraction and the final validation
+    character cross-entropy (mean ± std over seeds)."""
+    lines = ["| method | s / step (median) | kept by the CER filter | final val char CE |", "|---|---|---|---|"]
+    for method in methods:
+        found = [run for key, run in runs.items() if key.partition("/seed")[0] == method]
+        if not found:
+            continue
+
+        def stats(values: list[float]) -> tuple[float, float] | None:
+            return mean_std(values) if values else None
+
+        step = stats([r["train"]["step_s"] for r in found if r.get("train", {}).get("step_s") is not None])
+        kept = stats([r["log"]["kept_fraction"] for r in found if "kept_fraction" in r.get("log", {})])
+        val = stats([r["log"]["final_val_char_ce"] for r in found if "final_val_char_ce" in r.get("log", {})])
+        kept_cell = f"{format_pm(kept, 100.0)} %" if kept else "–"
+        lines.append(f"| {LABELS.get(method, method)} | {format_pm(step, 1.0, 2)} | {kept_cell} | "
+                     f"{format_pm(val, 1.0, 3)} |")
+    return lines
+
+
 def teacher_table(teachers: Mapping[str, Any]) -> list[str]:
     """Markdown rows of the teachers' audio CER/WER (greedy), all / seen / unseen sentences."""
     lines = ["| teacher (audio) | CER all | WER all | CER seen | WER seen | CER unseen | WER unseen | utt |",
@@ -205,6 +240,9 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
         if any(subset in table.get(m, {}) for m in methods):
             out += [f"## {title}", ""] + student_table(table, methods, subset) + [""]
     out += ["## Teachers (audio)", ""] + teacher_table(results.get("teachers", {})) + [""]
+    out += ["## Training", "", "Step time with the data loader (CPU unless the header says otherwise); the kept "
+            "fraction is the share of training utterances whose cached teacher transcript passed the CER filter "
+            "(100 % without one).", ""] + training_table(runs, methods) + [""]
     out += ["## Against LIBS's reported gains", ""] + comparison_lines(compare_with_paper(runs)) + [""]
     cache = results.get("cache", {})
     out += ["## Teacher outputs: cache or live", "", cache.get("note", "–"), ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from bench.lipreading_report import (
     markdown,
     mean_std,
     student_table,
+    summarize_log,
+    training_table,
 )
 
 
@@ -121,7 +124,7 @@ def test_distilled_recipes_read_the_cached_teacher_and_the_student_alone_is_unto
     from bench.lipreading import Bench
 
     args = argparse.Namespace(work=tmp_path / "work", data=tmp_path / "data", device="cpu", smoke=False,
-                              batch_size=None, num_workers=None)
+                              batch_size=None, num_workers=None, video_size=None)
     bench = Bench(args)
     bench.cache = tmp_path / "cache"
     libs = yaml.safe_load(bench.config("libs_full.yaml", "libs_full-seed0", 0, 100).read_text())
@@ -134,3 +137,54 @@ def test_distilled_recipes_read_the_cached_teacher_and_the_student_alone_is_unto
     assert libs["data"]["val"] == str(tmp_path / "cache" / "val" / "val-*.tar")
     alone = yaml.safe_load(bench.config("student_alone.yaml", "student_alone-seed0", 0, 100).read_text())
     assert not alone["model"].get("teacher") and alone["data"]["train"] == str(tmp_path / "data" / "train-*.tar")
+    video = next(m for m in alone["data"]["modalities"] if m["class_path"].endswith("VideoModality"))
+    assert video["init_args"]["size"] == bench.video_size == 64  # the recipe's, untouched
+
+
+def test_video_size_reaches_training_and_evaluation(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    import yaml
+
+    import bench.lipreading as lipreading
+
+    args = argparse.Namespace(work=tmp_path / "work", data=tmp_path / "data", device="cpu", smoke=False,
+                              batch_size=None, num_workers=None, video_size=32, beam_size=2, eval_batch_size=4)
+    bench = lipreading.Bench(args)
+    for recipe in ("student_alone.yaml", "mixspeech.yaml", "libs_full.yaml"):
+        config = yaml.safe_load(bench.config(recipe, "run", 0, 100).read_text())
+        modalities = config["data"]["modalities"]
+        assert [m["init_args"]["size"] for m in modalities if m["class_path"].endswith("VideoModality")] == [32]
+    calls: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> None:
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text('{"metrics": {"greedy_cer": 0.5}}')
+
+    monkeypatch.setattr("xmodal.cli.main", fake_main)
+    assert bench.eval_student("run", {"all": "shards-*.tar"}) == {"all": {"greedy_cer": 0.5}}
+    assert calls[0][calls[0].index("--size") + 1] == "32"
+
+
+def test_summarize_log_reads_the_kept_fraction_and_the_last_validation_loss() -> None:
+    rows = [{"step": "19", "train/libs_frame/kept_fraction": "0.5", "train/libs_context/kept_fraction": "0.75",
+             "val/char_ce": ""},
+            {"step": "39", "train/libs_frame/kept_fraction": "1.0", "train/libs_context/kept_fraction": "",
+             "val/char_ce": ""},
+            {"step": "49", "val/char_ce": "2.5", "val/libs_frame/kept_fraction": "0.0"},
+            {"step": "99", "val/char_ce": "1.25"}]
+    assert summarize_log(rows) == {"kept_fraction": 0.75, "final_val_char_ce": 1.25}
+    assert summarize_log([{"step": "1", "train/loss": "3.0"}]) == {}
+
+
+def test_training_table_averages_over_seeds() -> None:
+    runs = {f"libs_full/seed{s}": {"train": {"step_s": 0.5 + s / 10}, "log": {"kept_fraction": 0.6 + s / 10,
+                                                                             "final_val_char_ce": 1.0}}
+            for s in range(3)}
+    runs["student_alone/seed0"] = {"train": {"step_s": 0.4}, "log": {"final_val_char_ce": 2.0}}
+    lines = training_table(runs, ["student_alone", "libs_full", "mixspeech"])
+    assert lines[2] == "| 1. lip reader alone | 0.40 ± 0.00 | – | 2.000 ± 0.000 |"
+    assert lines[3] == "| 5. full LIBS | 0.60 ± 0.10 | 70.0 ± 10.0 % | 1.000 ± 0.000 |"
+    assert len(lines) == 4  # no row for a method without runs

@@ -3,6 +3,7 @@
     python -m bench.lipreading                       # full run: 6000 steps x 3 seeds x 7 methods (hours; a GPU helps)
     python -m bench.lipreading --device cuda --steps 6000 --seeds 0 1 2
     nice -n 19 python -m bench.lipreading --smoke    # tiny corpus, 4 steps, 1 seed: a pipeline check, no measurement
+    python -m bench.lipreading --steps 800 --video-size 32 --report-only   # rewrite the report of a partial run
 
 Pipeline (every step is skipped when its output exists; finished runs are kept in the results JSON):
 
@@ -276,6 +277,7 @@ def split_test(data: Path, out: Path) -> dict[str, str]:
 
 def eval_teacher(teacher: torch.nn.Module, subsets: dict[str, str], device: str, batch_size: int) -> dict[str, Any]:
     """Greedy audio CER/WER of a frozen teacher (``transcribe(batch)``) on each subset, with seconds per utterance."""
+    from bench.lipreading_report import utterance_stats
     from xmodal.data.wds import make_pipeline
     from xmodal.eval.asr import error_rates, to_device
     from xmodal.modalities.audio import AudioModality
@@ -292,7 +294,8 @@ def eval_teacher(teacher: torch.nn.Module, subsets: dict[str, str], device: str,
             refs += [normalize_transcript(t) for t in batch["transcript"]]
             hyps += teacher.transcribe(batch)  # type: ignore[operator]
         examples = [{"reference": r, "hypothesis": h} for r, h in zip(refs[:3], hyps[:3], strict=True)]
-        results[subset] = {**error_rates(refs, hyps), "utterances": len(refs), "examples": examples,
+        results[subset] = {**error_rates(refs, hyps), **utterance_stats(refs, hyps), "utterances": len(refs),
+                           "examples": examples,
                            "seconds_per_utterance": (time.perf_counter() - start) / max(len(refs), 1)}
     return results
 
@@ -323,23 +326,26 @@ def ensure_cache(bench: Bench) -> dict[str, Any]:
     return summary
 
 
-def run_teachers(bench: Bench, results: dict[str, Any], subsets: dict[str, str], save: Any) -> None:
-    """Zero-shot and adapted Whisper, and the conformer trained from scratch: train when missing, then score."""
+def run_teachers(bench: Bench, results: dict[str, Any], subsets: dict[str, str], save: Any, train: bool = True) -> None:
+    """Zero-shot and adapted Whisper, and the conformer trained from scratch: train when missing (with ``train``),
+    then score those that exist and have no score, or one without the per-utterance statistics."""
     from xmodal.teachers.conformer import ConformerTeacher
     from xmodal.teachers.whisper import WhisperTeacher
 
     args, teachers, timings = bench.args, results.setdefault("teachers", {}), results.setdefault("timings", {})
-    if not (bench.adapted / "model.safetensors").is_file():
+    if train and not (bench.adapted / "model.safetensors").is_file():
         timings["adapt"] = bench.fit("teacher_whisper_adapt.yaml", "teacher_whisper_adapt", 0, args.adapt_steps)
         save()
-    if not (bench.conformer / "conformer.pt").is_file():
+    if train and not (bench.conformer / "conformer.pt").is_file():
         timings["conformer"] = bench.fit("teacher_conformer.yaml", "teacher_conformer", 0, args.conformer_steps)
         save()
-    builders = {"whisper_zero_shot": lambda: WhisperTeacher(model=str(ZERO_SHOT), seconds=4.0),
-                "whisper_adapted": lambda: WhisperTeacher(model=str(bench.adapted), seconds=4.0),
-                "conformer": lambda: ConformerTeacher(model=str(bench.conformer))}
-    for name, build in builders.items():
-        if name not in teachers:
+    builders = {"whisper_zero_shot": (ZERO_SHOT / "model.safetensors",
+                                      lambda: WhisperTeacher(model=str(ZERO_SHOT), seconds=4.0)),
+                "whisper_adapted": (bench.adapted / "model.safetensors",
+                                    lambda: WhisperTeacher(model=str(bench.adapted), seconds=4.0)),
+                "conformer": (bench.conformer / "conformer.pt", lambda: ConformerTeacher(model=str(bench.conformer)))}
+    for name, (weights, build) in builders.items():
+        if weights.is_file() and "median_utterance_cer" not in teachers.get(name, {}).get("all", {}):
             print(f"[bench] teacher {name}: audio CER/WER")
             teachers[name] = eval_teacher(build(), subsets, args.device, args.eval_batch_size)
             save()
@@ -359,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--video-size", type=int, help=f"resize the mouth crops for training and evaluation (the "
                         f"recipes' {RECIPE_VIDEO_SIZE}; 32 costs the student ~2.7x less per step on the CPU)")
     parser.add_argument("--num-workers", type=int, help="override the recipes' data-loader workers (0 with --smoke)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing new: draw the alignment plot if its run exists, rewrite the "
+                             "report from the results JSON (same settings) and the run logs")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch threads (1 with --smoke)")
@@ -387,22 +396,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         same = ("steps", "adapt_steps", "conformer_steps", "batch_size", "beam_size", "smoke", "data", "video_size")
         if all(previous["config"].get(k, RECIPE_VIDEO_SIZE if k == "video_size" else None) == settings[k]
                for k in same):  # resume
-            results.update({k: previous.get(k, {}) for k in ("runs", "teachers", "timings")})
+            results.update({k: previous.get(k, {}) for k in ("runs", "teachers", "timings", "cache")})
+    if args.report_only and not results["runs"]:
+        parser.error(f"--report-only: {json_path} holds no finished run with these settings (steps, batch size, ...)")
 
     def save() -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=1))
 
-    run_teachers(bench, results, subsets, save)
-    results["cache"] = {"used": True, **ensure_cache(bench), "note": (
-        "The adapted Whisper ran once over the train and val shards (`xmodal cache`, un-augmented audio: the "
-        "recipes' audio has no augmentation); the distilled runs read its frames, context vectors, sequence "
-        "vector and CER from the shards, so their step times exclude the teacher.")}
-    save()
+    run_teachers(bench, results, subsets, save, train=not args.report_only)
+    if not args.report_only:
+        results["cache"] = {"used": True, **ensure_cache(bench), "note": (
+            "The adapted Whisper ran once over the train and val shards (`xmodal cache`, un-augmented audio: the "
+            "recipes' audio has no augmentation); the distilled runs read its frames, context vectors, sequence "
+            "vector and CER from the shards, so their step times exclude the teacher.")}
+        save()
     for seed in args.seeds:  # seed-major: an interrupted run leaves every method with the same seeds done
         for method in args.methods:
             key, run = f"{method}/seed{seed}", f"{method}-seed{seed}"
-            if key in results["runs"]:
+            if key in results["runs"] or args.report_only:
                 continue
             print(f"[bench] {key}")
             entry = {"train": bench.fit({**METHODS, **EXTRA_METHODS}[method], run, seed, args.steps)}

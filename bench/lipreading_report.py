@@ -161,6 +161,21 @@ def student_table(table: Mapping[str, Any], methods: Sequence[str], subset: str)
     return lines
 
 
+def utterance_stats(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """The median per-utterance CER and the share of "runaway" hypotheses, over twice their reference's length.
+
+    Corpus CER sums edits over all utterances, so a few decoding loops (Whisper repeating a phrase until its token
+    limit) can outweigh many good transcripts; these two numbers tell that apart from uniformly poor recognition.
+    """
+    from xmodal.eval.asr import error_rates
+
+    if not references:
+        raise ValueError("utterance_stats of no utterances")
+    cers = [error_rates([r], [h])["cer"] for r, h in zip(references, hypotheses, strict=True)]
+    runaway = sum(len(h) > 2 * len(r) for r, h in zip(references, hypotheses, strict=True))
+    return {"median_utterance_cer": statistics.median(cers), "runaway_fraction": runaway / len(references)}
+
+
 def summarize_log(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
     """From a run's CSVLogger rows: the mean ``train/*/kept_fraction`` (the share of the batch the LIBS CER filter let
     through; the granularities share one filter, so their mean is theirs) and the last ``val/char_ce``."""
@@ -197,16 +212,20 @@ def training_table(runs: Mapping[str, Any], methods: Sequence[str]) -> list[str]
 
 
 def teacher_table(teachers: Mapping[str, Any]) -> list[str]:
-    """Markdown rows of the teachers' audio CER/WER (greedy), all / seen / unseen sentences."""
-    lines = ["| teacher (audio) | CER all | WER all | CER seen | WER seen | CER unseen | WER unseen | utt |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown rows of the teachers' audio CER/WER (greedy), all / seen / unseen sentences, and on all sentences the
+    median per-utterance CER and the share of runaway hypotheses (:func:`utterance_stats`)."""
+    lines = ["| teacher (audio) | CER all | WER all | CER seen | WER seen | CER unseen | WER unseen | utt | "
+             "median utt CER | runaway |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in teachers.items():
         cells = []
         for subset in SUBSETS:
             rates = entry.get(subset, {})
             cells += [f"{100 * rates[m]:.1f}" if m in rates else "–" for m in ("cer", "wer")]
-        utts = entry.get("all", {}).get("utterances", "–")
-        lines.append(f"| {TEACHER_LABELS.get(name, name)} | {' | '.join(cells)} | {utts} |")
+        everything = entry.get("all", {})
+        cells.append(str(everything.get("utterances", "–")))
+        cells += [f"{100 * everything[m]:.1f}" if m in everything else "–"
+                  for m in ("median_utterance_cer", "runaway_fraction")]
+        lines.append(f"| {TEACHER_LABELS.get(name, name)} | {' | '.join(cells)} |")
     return lines
 
 
@@ -232,9 +251,10 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
     if cfg.get("smoke"):
         out += SMOKE_BANNER
     out += [f"Corpus `{cfg['data']}` (AVSpeech-GRID, synthetic), {cfg['steps']} optimizer steps per student, seeds "
-            f"{cfg['seeds']}, batch {cfg['batch_size']}, Whisper adapted for {cfg['adapt_steps']} steps, conformer "
-            f"teacher {cfg['conformer_steps']} steps, beam {cfg['beam_size']}, device `{cfg['device']}`. Error rates "
-            "in points (mean ± sample std over seeds), corpus CER/WER after transcript normalisation.", ""]
+            f"{cfg['seeds']}, batch {cfg['batch_size']}, mouth crops {cfg.get('video_size', 64)} px, Whisper adapted "
+            f"for {cfg['adapt_steps']} steps, conformer teacher {cfg['conformer_steps']} steps, beam "
+            f"{cfg['beam_size']}, device `{cfg['device']}`. Error rates in points (mean ± sample std over seeds), "
+            "corpus CER/WER after transcript normalisation.", ""]
     for subset, title in (("all", "Test set"), ("seen", "Seen sentences (test speakers, training sentences)"),
                           ("unseen", "Unseen sentences (held-out sentences)")):
         if any(subset in table.get(m, {}) for m in methods):

@@ -18,7 +18,9 @@ from bench.lipreading_report import (
     mean_std,
     student_table,
     summarize_log,
+    teacher_table,
     training_table,
+    utterance_stats,
 )
 
 
@@ -90,7 +92,7 @@ def test_markdown_flags_smoke_runs() -> None:
     text = markdown({"config": config, "runs": RUNS, "teachers": {"conformer": {"all": {"cer": 0.1, "wer": 0.2}}}},
                     ["student_alone", "libs_full"])
     assert "SMOKE RUN: not a measurement" in text
-    assert "| conformer from scratch (CTC greedy) | 10.0 | 20.0 | – | – | – | – | – |" in text
+    assert "| conformer from scratch (CTC greedy) | 10.0 | 20.0 | – | – | – | – | – | – | – |" in text
     assert "| LIBS, CMLR | 7.66 | 0.65 |" in text
 
 
@@ -188,3 +190,16 @@ def test_training_table_averages_over_seeds() -> None:
     assert lines[2] == "| 1. lip reader alone | 0.40 ± 0.00 | – | 2.000 ± 0.000 |"
     assert lines[3] == "| 5. full LIBS | 0.60 ± 0.10 | 70.0 ± 10.0 % | 1.000 ± 0.000 |"
     assert len(lines) == 4  # no row for a method without runs
+
+
+def test_utterance_stats_separate_runaway_loops_from_poor_transcripts() -> None:
+    refs = ["bin blue at f two now"] * 4
+    hyps = ["bin blue at f two now", "bin blue at f two now", "bin glue at f two now",
+            "bin blue at f two now " * 5]  # a decoding loop: corpus CER 1.0, yet three of four are (nearly) right
+    stats = utterance_stats(refs, hyps)
+    assert stats["runaway_fraction"] == 0.25
+    assert math.isclose(stats["median_utterance_cer"], 0.5 / 21)  # median of 0, 0, 1/21, 88/21
+    row = teacher_table({"whisper_zero_shot": {"all": {"cer": 1.0, "wer": 1.0, "utterances": 4, **stats}}})[2]
+    assert row.endswith("| 4 | 2.4 | 25.0 |")
+    with pytest.raises(ValueError):
+        utterance_stats([], [])

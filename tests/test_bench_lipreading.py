@@ -170,22 +170,22 @@ def test_video_size_reaches_training_and_evaluation(tmp_path, monkeypatch) -> No
     assert calls[0][calls[0].index("--size") + 1] == "32"
 
 
-def test_summarize_log_reads_the_kept_fraction_and_the_last_validation_loss() -> None:
+def test_summarize_log_reads_the_kept_fraction_and_the_last_training_losses() -> None:
     rows = [{"step": "19", "train/libs_frame/kept_fraction": "0.5", "train/libs_context/kept_fraction": "0.75",
-             "val/char_ce": ""},
+             "train/char_ce": "9.0"},
             {"step": "39", "train/libs_frame/kept_fraction": "1.0", "train/libs_context/kept_fraction": "",
-             "val/char_ce": ""},
-            {"step": "49", "val/char_ce": "2.5", "val/libs_frame/kept_fraction": "0.0"},
-            {"step": "99", "val/char_ce": "1.25"}]
-    assert summarize_log(rows) == {"kept_fraction": 0.75, "final_val_char_ce": 1.25}
+             "train/char_ce": "3.0"},
+            {"step": "49", "val/char_ce": "2.5", "val/libs_frame/kept_fraction": "0.0", "train/char_ce": ""},
+            {"step": "59", "train/char_ce": "1.0"}]
+    assert summarize_log(rows, last=2) == {"kept_fraction": 0.75, "final_train_char_ce": 2.0}
     assert summarize_log([{"step": "1", "train/loss": "3.0"}]) == {}
 
 
 def test_training_table_averages_over_seeds() -> None:
     runs = {f"libs_full/seed{s}": {"train": {"step_s": 0.5 + s / 10}, "log": {"kept_fraction": 0.6 + s / 10,
-                                                                             "final_val_char_ce": 1.0}}
+                                                                             "final_train_char_ce": 1.0}}
             for s in range(3)}
-    runs["student_alone/seed0"] = {"train": {"step_s": 0.4}, "log": {"final_val_char_ce": 2.0}}
+    runs["student_alone/seed0"] = {"train": {"step_s": 0.4}, "log": {"final_train_char_ce": 2.0}}
     lines = training_table(runs, ["student_alone", "libs_full", "mixspeech"])
     assert lines[2] == "| 1. lip reader alone | 0.40 ± 0.00 | – | 2.000 ± 0.000 |"
     assert lines[3] == "| 5. full LIBS | 0.60 ± 0.10 | 70.0 ± 10.0 % | 1.000 ± 0.000 |"

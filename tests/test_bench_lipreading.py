@@ -157,6 +157,9 @@ def test_video_size_reaches_training_and_evaluation(tmp_path, monkeypatch) -> No
         config = yaml.safe_load(bench.config(recipe, "run", 0, 100).read_text())
         modalities = config["data"]["modalities"]
         assert [m["init_args"]["size"] for m in modalities if m["class_path"].endswith("VideoModality")] == [32]
+        assert config["trainer"]["limit_val_batches"] == 0  # the test split scores the runs
+        saver = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert saver and saver[0]["init_args"]["save_on_train_epoch_end"]  # a checkpoint without validation
     calls: list[list[str]] = []
 
     def fake_main(argv: list[str]) -> None:

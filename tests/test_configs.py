@@ -110,3 +110,16 @@ def test_manifest_check_compares_every_field() -> None:
         check_manifest(cached, {**cached, "preprocessing": {"sample_rate": 8000}}, "cache")
     with pytest.raises(CacheMismatchError, match="dtype"):
         check_manifest(cached, {**cached, "dtype": "bfloat16"}, "cache")
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_a_step_validation_interval_counts_global_steps(config: Path) -> None:
+    """An integer ``val_check_interval`` counts batches within one epoch unless ``check_val_every_n_epoch`` is null:
+    over WebDataset epochs shorter than the interval, validation (and the default checkpoint) never runs. The
+    lip-reading recipes had that bug (interval 500, epochs of 150 steps)."""
+    import yaml
+
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval > 1:
+        assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None

@@ -434,11 +434,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         entry.setdefault("log", read_log(bench.work / "logs" / key.replace("/seed", "-seed")))
     save()
     if "libs_full" in args.methods and not results.get("alignment_png"):
-        png = bench.plot_alignment(f"libs_full-seed{args.seeds[0]}")
+        seed = next((s for s in args.seeds if bench.checkpoint(f"libs_full-seed{s}") is not None), None)
+        png = None if seed is None else bench.plot_alignment(f"libs_full-seed{seed}")
         if png is not None:
             target = args.out.parent / f"{args.out.name}_alignment.png"
             shutil.copyfile(png, target)
-            results["alignment_png"] = target.name
+            results["alignment_png"], results["alignment_seed"] = target.name, seed
     if args.smoke:
         results["estimate"] = smoke_estimate(results, args)
         print("[bench] ESTIMATE of the full run (CPU at the smoke run's load; extrapolated from a few steps):")

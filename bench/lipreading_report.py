@@ -251,8 +251,9 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
     out = ["# Lip-reading benchmark (LIBS, MixSpeech)", ""]
     if cfg.get("smoke"):
         out += SMOKE_BANNER
+    batch = cfg["batch_size"] or "of the recipes (16)"
     out += [f"Corpus `{cfg['data']}` (AVSpeech-GRID, synthetic), {cfg['steps']} optimizer steps per student, seeds "
-            f"{cfg['seeds']}, batch {cfg['batch_size']}, mouth crops {cfg.get('video_size', 64)} px, Whisper adapted "
+            f"{cfg['seeds']}, batch {batch}, mouth crops {cfg.get('video_size', 64)} px, Whisper adapted "
             f"for {cfg['adapt_steps']} steps, conformer teacher {cfg['conformer_steps']} steps, beam "
             f"{cfg['beam_size']}, device `{cfg['device']}`. Error rates in points (mean ± sample std over seeds), "
             "corpus CER/WER after transcript normalisation.", ""]
@@ -268,7 +269,8 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
     cache = results.get("cache", {})
     out += ["## Teacher outputs: cache or live", "", cache.get("note", "–"), ""]
     if results.get("alignment_png"):
-        out += ["## Learned alignment (full LIBS, first seed)", "", f"![alignment]({results['alignment_png']})", ""]
+        out += [f"## Learned alignment (full LIBS, seed {results.get('alignment_seed', 0)})", "",
+                f"![alignment]({results['alignment_png']})", ""]
     if results.get("estimate"):
         out += ["## Estimated cost of the full run (ESTIMATE from smoke timings, not a measurement)", "",
                 "| stage | estimated hours |", "|---|---|"]

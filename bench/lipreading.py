@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     json_path = args.out.with_suffix(".json")
     settings = {"steps": args.steps, "adapt_steps": args.adapt_steps, "conformer_steps": args.conformer_steps,
                 "seeds": args.seeds, "batch_size": args.batch_size,
-                "video_size": args.video_size or RECIPE_VIDEO_SIZE, "beam_size": args.beam_size, "device": args.device,
+                "video_size": bench.video_size, "beam_size": args.beam_size, "device": args.device,
                 "smoke": args.smoke, "data": str(args.data), "torch_threads": torch.get_num_threads(),
                 "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     results: dict[str, Any] = {"config": settings, "runs": {}, "teachers": {}, "timings": {}}
@@ -426,12 +426,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             start = time.perf_counter()
             entry["eval"] = bench.eval_student(run, subsets)
             entry["eval_seconds"] = time.perf_counter() - start
-            entry["log"] = read_log(bench.work / "logs" / run)
             results["runs"][key] = entry
             results["timings"].setdefault(method, entry["train"])
             save()
-    for key, entry in results["runs"].items():  # runs finished before the log summary existed
-        entry.setdefault("log", read_log(bench.work / "logs" / key.replace("/seed", "-seed")))
+    for key, entry in results["runs"].items():  # each run's log is summarised once, after it finished
+        if "log" not in entry:
+            entry["log"] = read_log(bench.work / "logs" / key.replace("/seed", "-seed"))
     save()
     if "libs_full" in args.methods and not results.get("alignment_png"):
         seed = next((s for s in args.seeds if bench.checkpoint(f"libs_full-seed{s}") is not None), None)

@@ -191,24 +191,24 @@ def summarize_log(rows: Sequence[Mapping[str, str]], last: int = 5) -> dict[str,
     return summary
 
 
+def run_stats(found: Sequence[Mapping[str, Any]], section: str, name: str) -> tuple[float, float] | None:
+    """Mean and std of ``run[section][name]`` over the runs that have it (``None`` if none has)."""
+    values = [float(run[section][name]) for run in found if run.get(section, {}).get(name) is not None]
+    return mean_std(values) if values else None
+
+
 def training_table(runs: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
-    """Markdown rows per method: median step seconds, the LIBS filter's kept fraction and the final validation
-    training character cross-entropy (label-smoothed; mean ± std over seeds)."""
+    """Markdown rows per method: median step seconds, the LIBS filter's kept fraction and the final training
+    character cross-entropy (label-smoothed; mean ± std over seeds)."""
     lines = ["| method | s / step (median) | kept by the CER filter | final train char CE |", "|---|---|---|---|"]
     for method in methods:
         found = [run for key, run in runs.items() if key.partition("/seed")[0] == method]
         if not found:
             continue
-
-        def stats(values: list[float]) -> tuple[float, float] | None:
-            return mean_std(values) if values else None
-
-        step = stats([r["train"]["step_s"] for r in found if r.get("train", {}).get("step_s") is not None])
-        kept = stats([r["log"]["kept_fraction"] for r in found if "kept_fraction" in r.get("log", {})])
-        val = stats([r["log"]["final_train_char_ce"] for r in found if "final_train_char_ce" in r.get("log", {})])
+        kept = run_stats(found, "log", "kept_fraction")
         kept_cell = f"{format_pm(kept, 100.0)} %" if kept else "–"
-        lines.append(f"| {LABELS.get(method, method)} | {format_pm(step, 1.0, 2)} | {kept_cell} | "
-                     f"{format_pm(val, 1.0, 3)} |")
+        lines.append(f"| {LABELS.get(method, method)} | {format_pm(run_stats(found, 'train', 'step_s'), 1.0, 2)} | "
+                     f"{kept_cell} | {format_pm(run_stats(found, 'log', 'final_train_char_ce'), 1.0, 3)} |")
     return lines
 
 

@@ -137,11 +137,12 @@ class Bench:
             # xmodal.zoo.save_pretrained refuses this student (safetensors: torchaudio's shared window buffer), so
             # it is evaluated from its Lightning checkpoint with --config/--checkpoint instead
             trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ExportStudent")]
-        # checkpoints feed the evaluation above and the alignment plot. With validation off (or only every N global
-        # steps) Lightning's default checkpoint may never fire, so save at each epoch end and at max_steps, mid-epoch
-        # included (the first MixSpeech run lost its weights that way)
-        trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                     "init_args": {"save_last": True, "save_on_train_epoch_end": True}})
+        if trainer.get("enable_checkpointing", True):  # the teacher recipes export their model instead
+            # checkpoints feed the evaluation above and the alignment plot. With validation off (or only every N
+            # global steps) Lightning's default checkpoint may never fire, so save at each epoch end and at
+            # max_steps, mid-epoch included (the first MixSpeech run lost its weights that way)
+            trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                         "init_args": {"save_last": True, "save_on_train_epoch_end": True}})
         trainer["callbacks"].append({"class_path": "bench.lipreading.StepTimer",
                                      "init_args": {"out_json": str(self.work / "timers" / f"{run}.json")}})
         # every model is scored on the test split afterwards: validation would only cost time (smoke: exercise it)

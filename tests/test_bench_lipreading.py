@@ -160,6 +160,11 @@ def test_video_size_reaches_training_and_evaluation(tmp_path, monkeypatch) -> No
         assert config["trainer"]["limit_val_batches"] == 0  # the test split scores the runs
         saver = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
         assert saver and saver[0]["init_args"]["save_on_train_epoch_end"]  # a checkpoint without validation
+    # the teachers export their model and turn checkpointing off; Lightning refuses a checkpoint callback then
+    for teacher in ("teacher_whisper_adapt.yaml", "teacher_conformer.yaml"):
+        trainer = yaml.safe_load(bench.config(teacher, "run", 0, 100).read_text())["trainer"]
+        assert not trainer["enable_checkpointing"]
+        assert not any(c["class_path"].endswith("ModelCheckpoint") for c in trainer["callbacks"])
     calls: list[list[str]] = []
 
     def fake_main(argv: list[str]) -> None:

@@ -120,6 +120,7 @@ class Bench:
                         "runs/lipreading": str(self.work / "logs")}
         self.device_args = [] if args.device == "auto" else ["--device", args.device]
         self.cache: Path | None = None  # the adapted Whisper's cached outputs, once written (ensure_cache)
+        self.check_cache = True  # build the live teacher to check the cache's manifest (needs its weights)
         self.video_size: int = args.video_size or RECIPE_VIDEO_SIZE
 
     def config(self, name: str, run: str, seed: int, steps: int) -> Path:
@@ -152,7 +153,8 @@ class Bench:
         if self.cache is not None and teacher.get("class_path", "").endswith("WhisperTeacher"):
             # the cached outputs replace the live teacher; the live one is built once to check the cache's manifest
             config["model"]["teacher"] = {"class_path": "xmodal.teachers.cached.CachedTeacher",
-                                          "init_args": {"manifest": str(self.cache / "train"), "teacher": teacher}}
+                                          "init_args": {"manifest": str(self.cache / "train"),
+                                                        "teacher": teacher if self.check_cache else None}}
             data["train"], data["val"] = (str(self.cache / split / f"{split}-*.tar") for split in ("train", "val"))
         if self.args.video_size:
             for modality in data["modalities"]:

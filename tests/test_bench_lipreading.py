@@ -211,3 +211,63 @@ def test_utterance_stats_separate_runaway_loops_from_poor_transcripts() -> None:
     assert row.endswith("| 4 | 2.4 | 25.0 |")
     with pytest.raises(ValueError):
         utterance_stats([], [])
+
+
+def test_the_cache_check_can_leave_the_live_teacher_behind(tmp_path) -> None:
+    import argparse
+
+    import yaml
+
+    from bench.lipreading import Bench
+
+    args = argparse.Namespace(work=tmp_path / "work", data=tmp_path / "data", device="cuda", smoke=False,
+                              batch_size=None, num_workers=None, video_size=None)
+    bench = Bench(args)
+    bench.cache, bench.check_cache = tmp_path / "cache", False
+    teacher = yaml.safe_load(bench.config("libs_full.yaml", "run", 0, 10).read_text())["model"]["teacher"]
+    assert teacher["class_path"].endswith("CachedTeacher") and teacher["init_args"]["teacher"] is None
+
+
+def write_cache_shard(path: Path, keys: list[str]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            for suffix in ("txt", "teacher.audio.cer.npy", "mp4"):
+                data = f"{key}.{suffix}".encode()
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_cache_slice_keeps_whole_samples_in_the_benchmarks_layout(tmp_path) -> None:
+    import tarfile
+
+    from bench.lipreading_steps import count_clips, make_slice
+
+    cache = tmp_path / "cache"
+    for split, n in (("train", 9), ("val", 5)):
+        (cache / split).mkdir(parents=True)
+        write_cache_shard(cache / split / f"{split}-000000.tar", [f"{split}{i:02d}" for i in range(n)])
+        (cache / split / "manifest.json").write_text(f'{{"split": "{split}"}}')
+    out = tmp_path / "slice"
+    make_slice(cache, out, train=5, val=2, shards=2)
+    trains = sorted((out / "train").glob("train-*.tar"))
+    assert [count_clips([shard]) for shard in trains] == [3, 2]
+    with tarfile.open(trains[1]) as tar:
+        assert tar.getnames() == [f"train{i:02d}.{s}" for i in (3, 4) for s in ("txt", "teacher.audio.cer.npy", "mp4")]
+    for folder in ("train", "val"):  # the uncached recipes read val beside train; the cached ones read val/
+        assert count_clips([out / folder / "val-000000.tar"]) == 2
+    assert (out / "val" / "manifest.json").read_text() == '{"split": "val"}'
+    assert (out / "train" / "manifest.json").read_text() == '{"split": "train"}'
+
+
+def test_step_report_has_a_row_per_run(tmp_path) -> None:
+    from bench.lipreading_steps import write_report
+
+    run = {"method": "libs_full", "video_size": 64, "steps": 40, "median_step_s": 0.09, "p90_step_s": 0.1,
+           "fit_wall_s": 30.0, "recipe_minutes": 9.0, "peak_gpu_mib": 1000.0}
+    text = write_report({"device_name": "GPU", "torch": "2", "batch_size": 16, "steps": 40, "slice_train_clips": 24,
+                         "runs": {"libs_full-64px": run}}, tmp_path / "steps").read_text()
+    assert "| libs_full | 64 px | 0.0900 | 0.1000 | 9.0 | 1000 | 30.0 |" in text

@@ -241,14 +241,19 @@ def write_scene_shards(root: Path, split: str, scenes: int, seed: int) -> None:
     write_shards(samples, root, split, max_count=scenes)
 
 
-def test_recipe_configs_train_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+ON_THE_GPU = pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", ON_THE_GPU])
+def test_recipe_configs_train_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              accelerator: str) -> None:
     from xmodal.cli import main
 
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):
         write_scene_shards(tmp_path / "runs/data/bev-small", split, 4, seed=7 if split == "val" else 0)
-    fast = ["--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.logger=false", "--data.batch_size=2",
-            "--data.num_workers=0", "--model.student.init_args.channels=16"]
+    fast = ["--trainer.max_steps=2", f"--trainer.accelerator={accelerator}", "--trainer.logger=false",
+            "--data.batch_size=2", "--data.num_workers=0", "--model.student.init_args.channels=16"]
     main(["fit", "--config", str(ROOT / "configs/bev/lidar_teacher.yaml"), *fast])
     assert (tmp_path / "runs/models/bev-lidar/model.safetensors").exists()
     main(["fit", "--config", str(ROOT / "configs/bev/camera_unidistill.yaml"), *fast])

@@ -262,7 +262,8 @@ def markdown(results: Mapping[str, Any], methods: Sequence[str]) -> str:
         if any(subset in table.get(m, {}) for m in methods):
             out += [f"## {title}", ""] + student_table(table, methods, subset) + [""]
     out += ["## Teachers (audio)", ""] + teacher_table(results.get("teachers", {})) + [""]
-    out += ["## Training", "", "Step time with the data loader (CPU unless the header says otherwise); the kept "
+    out += ["## Training", "", "Step time: median seconds from a batch's arrival to the end of its optimizer step "
+            "(the loader's workers run beside it on the same cores; CPU unless the header says otherwise); the kept "
             "fraction is the share of training utterances whose cached teacher transcript passed the CER filter "
             "(100 % without one).", ""] + training_table(runs, methods) + [""]
     out += ["## Against LIBS's reported gains", ""] + comparison_lines(compare_with_paper(runs)) + [""]

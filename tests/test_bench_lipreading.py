@@ -228,17 +228,14 @@ def test_the_cache_check_can_leave_the_live_teacher_behind(tmp_path) -> None:
     assert teacher["class_path"].endswith("CachedTeacher") and teacher["init_args"]["teacher"] is None
 
 
-def write_cache_shard(path: Path, keys: list[str]) -> None:
-    import io
-    import tarfile
+SUFFIXES = ("mp4", "teacher.audio.cer.npy", "txt")  # in the order write_shards stores them
 
-    with tarfile.open(path, "w") as tar:
-        for key in keys:
-            for suffix in ("txt", "teacher.audio.cer.npy", "mp4"):
-                data = f"{key}.{suffix}".encode()
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+
+def write_cache_shard(path: Path, keys: list[str]) -> None:
+    from xmodal.data.shards import write_shards
+
+    samples = [{"__key__": key, **{suffix: f"{key}.{suffix}".encode() for suffix in SUFFIXES}} for key in keys]
+    write_shards(samples, path.parent, path.name.partition("-")[0], max_count=len(keys))
 
 
 def test_a_cache_slice_keeps_whole_samples_in_the_benchmarks_layout(tmp_path) -> None:
@@ -256,7 +253,7 @@ def test_a_cache_slice_keeps_whole_samples_in_the_benchmarks_layout(tmp_path) ->
     trains = sorted((out / "train").glob("train-*.tar"))
     assert [count_clips([shard]) for shard in trains] == [3, 2]
     with tarfile.open(trains[1]) as tar:
-        assert tar.getnames() == [f"train{i:02d}.{s}" for i in (3, 4) for s in ("txt", "teacher.audio.cer.npy", "mp4")]
+        assert tar.getnames() == [f"train{i:02d}.{s}" for i in (3, 4) for s in SUFFIXES]
     for folder in ("train", "val"):  # the uncached recipes read val beside train; the cached ones read val/
         assert count_clips([out / folder / "val-000000.tar"]) == 2
     assert (out / "val" / "manifest.json").read_text() == '{"split": "val"}'

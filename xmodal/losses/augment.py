@@ -269,7 +269,7 @@ def hard_update(
         p.grad = g
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 class HARDCallback(L.Callback):

@@ -411,6 +411,47 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path: Path) -> None:
         fit_tiny(tmp_path, max_steps=4, ckpt_path=str(not_a_checkpoint))
 
 
+class BreakWeightsAt(L.Callback):
+    """Sends one weight to inf after a given step, as an optimizer step with a huge learning rate would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.student.parameters()).fill_(float("inf"))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
+    from xmodal.checkpoint import NonFiniteWeightsError, SafeCheckpointIO
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[BreakWeightsAt(3), checkpoints],
+                        plugins=[SafeCheckpointIO()])
+    batches = DataLoader([{"x": torch.randn(4, 8)} for _ in range(4)], batch_size=None)
+    with pytest.raises(NonFiniteWeightsError, match=r"by step 3 \(student\..* holds inf or NaN\)"):
+        trainer.fit(Distiller(TinyNet(0), per_sample_losses(), teacher=TinyTeacher(1)), batches)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=2.ckpt"]  # the last good one stays
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_altered_checkpoint_bytes_are_refused(tmp_path: Path) -> None:
+    from xmodal.checkpoint import DIGEST_KEY, CorruptCheckpointError
+
+    fit_tiny(tmp_path, max_steps=2)
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
+    assert len(checkpoint[DIGEST_KEY]) == 64
+    name = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][name].view(-1)[0] += 1e-3  # one value altered, the digest left as it was
+    altered = tmp_path / "altered.ckpt"
+    torch.save(checkpoint, altered)
+    with pytest.raises(CorruptCheckpointError, match=r"altered\.ckpt is unreadable.*altered bytes"):
+        fit_tiny(tmp_path / "resume", max_steps=4, ckpt_path=str(altered))
+
+
 def test_cli_installs_the_checked_checkpoint_io(shapes_dir: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_distiller import write_config

@@ -467,6 +467,21 @@ def test_cli_installs_the_checked_checkpoint_io(shapes_dir: Path, tmp_path: Path
     torch.save({"weights": torch.zeros(2)}, broken)
     with pytest.raises(CorruptCheckpointError, match="no state_dict"):  # the trainer's read, by SafeCheckpointIO
         main(["fit", "--config", config, "--ckpt_path", str(broken)])
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "payload": PicklePayload(str(marker))}, broken)
+    with pytest.raises(CorruptCheckpointError, match="broken.ckpt is unreadable.*Unpickling"):
+        main(["fit", "--config", config, "--ckpt_path", str(broken)])
+    assert not marker.exists()
+
+
+class PicklePayload:
+    """Unpickling this runs a command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
 
 
 # ---------------------------------------------------------------- the real launcher (opt-in: ~1 min)

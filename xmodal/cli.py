@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,7 @@ class XmodalCLI(LightningCLI):
 
         try:
             super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, ValueError, OSError) as error:
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as error:
             if isinstance(error, FileNotFoundError | CorruptCheckpointError):
                 raise
             path = self.config[self.config.subcommand].get("ckpt_path")

@@ -1,4 +1,5 @@
-"""The model zoo: checkpoint round trip by name and by path, checksum refusal, registry listing and errors."""
+"""The model zoo: checkpoint round trip by name and by path, checksum refusal, registry listing and errors,
+and hostile cards (code-running class paths, tampered cards) refused before anything runs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ import yaml
 import xmodal
 from xmodal.modalities.text import build_word_tokenizer
 from xmodal.students.clip import CLIPStudent
-from xmodal.zoo import ChecksumError, create_model, list_models, model_card, register_model, save_pretrained
+from xmodal.zoo import (
+    ChecksumError,
+    UntrustedCardError,
+    create_model,
+    list_models,
+    model_card,
+    register_model,
+    save_pretrained,
+)
+from xmodal.zoo.registry import card_digest
 
 TEXTS = ["a red circle", "two blue squares"]
 
@@ -148,3 +158,106 @@ def test_save_pretrained_handles_a_buffer_that_views_part_of_its_storage(tmp_pat
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(tmp_path / "m" / "model.safetensors"))["window"], torch.arange(4.0))
+
+
+def write_card(folder: Path, class_path: str, init_args: dict, seal: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    card = {"name": "hostile", "class_path": class_path, "init_args": init_args, "bundled": [], "checkpoint": None}
+    if seal:  # a valid digest: the allow-list alone must refuse
+        card["card_sha256"] = card_digest(card)
+    (folder / "card.yaml").write_text(yaml.safe_dump(card))
+    return folder
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_hostile_class_paths_are_refused_before_anything_runs(tmp_path: Path, pretrained: bool) -> None:
+    marker = tmp_path / "pwned"
+    write_marker = f"open({str(marker)!r}, 'w').close()"
+    hostile = {
+        "subprocess.check_call": {"args": [sys.executable, "-c", write_marker]},
+        "os.system": {"command": f'{sys.executable} -c "{write_marker}"'},
+        "builtins.eval": {"source": write_marker},
+        "builtins.exec": {"source": write_marker},
+        "xmodal_no_such_module.Model": {},  # refused by name: an ImportError would mean an import was tried
+        "xmodal.modalities.text.build_word_tokenizer": {"texts": TEXTS, "out_dir": str(marker)},  # not a class
+        "xmodal.zoo.registry.ChecksumError": {},  # a class, not an nn.Module
+        "xmodal.__main__.main": {},
+    }
+    for i, (class_path, init_args) in enumerate(hostile.items()):
+        folder = write_card(tmp_path / f"card{i}", class_path, init_args)
+        with pytest.raises(UntrustedCardError, match=rf"^model card .*card{i}/card\.yaml.*{class_path!r}") as info:
+            create_model(str(folder), pretrained=pretrained)
+        assert "\n" not in str(info.value)
+        assert not marker.exists(), class_path
+
+
+def test_register_model_refuses_a_hostile_class_path(tmp_path: Path, zoo_dir: Path) -> None:
+    folder = write_card(tmp_path / "ckpt", "subprocess.check_call", {"args": ["true"]})
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UntrustedCardError, match="subprocess.check_call"):
+        register_model(folder, name="hostile")
+    assert not (zoo_dir / "hostile.yaml").exists()
+
+
+def test_tampered_card_is_refused(tmp_path: Path, zoo_dir: Path) -> None:
+    _, ckpt = save_tiny(tmp_path, tmp_path / "ckpt")
+    card = yaml.safe_load((ckpt / "card.yaml").read_text())
+    assert card["card_sha256"] == card_digest(card)
+    card["init_args"]["embed_dim"] = 8  # changed after saving
+    (ckpt / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    for pretrained in (True, False):
+        with pytest.raises(UntrustedCardError, match=r"card\.yaml .*does not match its card_sha256"):
+            create_model(str(ckpt), pretrained=pretrained)
+    with pytest.raises(UntrustedCardError, match="does not match its card_sha256"):
+        register_model(ckpt, name="tampered")
+
+
+def test_unsealed_card_is_refused_until_registered(tmp_path: Path, zoo_dir: Path) -> None:
+    model, ckpt = save_tiny(tmp_path, tmp_path / "ckpt")
+    card = yaml.safe_load((ckpt / "card.yaml").read_text())
+    del card["card_sha256"]  # as an older version saved it
+    (ckpt / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    with pytest.raises(UntrustedCardError, match="records no card_sha256"):
+        create_model(str(ckpt))
+    register_model(ckpt, name="vouched")
+    assert torch.equal(outputs(create_model("vouched"))[0], outputs(model)[0])
+
+
+def test_tampered_weights_are_refused_before_the_model_is_built(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, ckpt = save_tiny(tmp_path, tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"not the saved weights")
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before its weights were checked")
+
+    monkeypatch.setattr(CLIPStudent, "__init__", built)
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        create_model(str(ckpt))
+
+
+def test_plugin_classes_are_allowed_through_entry_points(
+    tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+
+    package = tmp_path / "site" / "xmodal_test_plugin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("from torch import nn\n\nclass Tiny(nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    from xmodal_test_plugin.models import Tiny  # type: ignore[import-not-found]
+
+    model = Tiny(3, 2)
+    ckpt = save_pretrained(model, {"in_features": 3, "out_features": 2}, tmp_path / "ckpt")
+    with pytest.raises(UntrustedCardError, match="xmodal_test_plugin.models.Tiny"):
+        create_model(str(ckpt))  # not registered as a plug-in
+
+    plugin = importlib.metadata.EntryPoint(name="test", value="xmodal_test_plugin", group="xmodal.plugins")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda **kw: [plugin] if kw.get("group") == "xmodal.plugins" else real(**kw)
+    )
+    loaded = create_model(str(ckpt))
+    assert isinstance(loaded, Tiny) and torch.equal(loaded.weight, model.weight)

@@ -5,6 +5,7 @@ See :mod:`xmodal.zoo.registry` for the checkpoint format and where cards are loo
 
 from xmodal.zoo.registry import (
     ChecksumError,
+    UntrustedCardError,
     create_model,
     list_models,
     model_card,
@@ -16,6 +17,7 @@ from xmodal.zoo.registry import (
 
 __all__ = [
     "ChecksumError",
+    "UntrustedCardError",
     "create_model",
     "list_models",
     "model_card",

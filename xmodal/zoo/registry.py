@@ -19,6 +19,22 @@ user zoo, ``$XMODAL_ZOO_DIR`` or ``~/.cache/xmodal/zoo`` (user cards win a name 
 :func:`register_model` writes a copy of a checkpoint's card there with ``root`` set to the checkpoint folder.
 A card's ``root`` and ``checkpoint`` may use ``~`` and ``$VARS``.
 
+Trust: a card is data, never code. Before anything is imported or built, :func:`create_model` checks
+
+* ``class_path`` against an allow-list: classes of this package (``xmodal.``...) and of the modules named by the
+  entry points of the ``xmodal.plugins`` group (a plug-in's module and its submodules). Anything else
+  (``subprocess.check_call``, ``os.system``...) is refused unimported; once imported, the object must be a
+  ``torch.nn.Module`` subclass defined under those prefixes.
+* ``card_sha256``: the sha256 of the canonical JSON of the card's ``class_path``, ``init_args``, ``bundled``,
+  ``checkpoint`` and ``sha256``, written by :func:`save_pretrained` and :func:`register_model`. It catches a card
+  edited after saving; it is a checksum, not a signature (whoever can write a card can recompute it), so the
+  allow-list is what keeps a hostile card from running code. Cards without it are refused, except the cards
+  shipped inside the package; :func:`register_model` adds it to an older checkpoint's card, which is how a user
+  vouches for one.
+* the weights' ``sha256``, read before the model is built.
+
+Refusals raise :class:`UntrustedCardError` (a ``ValueError``) or :class:`ChecksumError`.
+
 This module imports only the standard library at import time; torch, safetensors and yaml load on use.
 """
 
@@ -45,10 +61,17 @@ WEIGHTS = "model.safetensors"
 ZOO_DIR_ENV = "XMODAL_ZOO_DIR"
 SHIPPED_DIR = Path(__file__).resolve().parent
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+PLUGIN_GROUP = "xmodal.plugins"
+SEALED_FIELDS = ("class_path", "init_args", "bundled", "checkpoint", "sha256")
 
 
 class ChecksumError(RuntimeError):
     """A checkpoint file's sha256 differs from the one its card records."""
+
+
+class UntrustedCardError(ValueError):
+    """A model card names a class outside the allow-list, or its content does not match its ``card_sha256``."""
 
 
 def user_zoo_dir() -> Path:
@@ -106,11 +129,13 @@ def save_pretrained(
         "bundled": bundled,
         "checkpoint": WEIGHTS,
         "sha256": sha256_file(out / WEIGHTS),
+        "card_sha256": "",  # set below; placed here so the file shows it beside sha256
         "teacher": teacher,
         "metrics": _plain(metrics or {}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "xmodal_version": __version__,
     }
+    card["card_sha256"] = card_digest(card)
     _write_card(card, out / CARD)
     return out
 
@@ -126,14 +151,21 @@ def create_model(name_or_path: str, pretrained: bool = True, **overrides: Any) -
 
     Raises:
         ValueError: unknown name (the message lists the available ones), or a card without weights.
+        UntrustedCardError: the card names a class outside the allow-list, or was changed after saving.
         ChecksumError: the weights file does not match the card's sha256.
     """
-    card, root, _ = _locate(name_or_path)
+    card, root, card_path = _locate(name_or_path)
+    _verify_card(card, card_path)
+    cls = _model_class(card["class_path"], card_path)
+    weights = _verified_weights(card, root, name_or_path) if pretrained else None
     init_args = _resolve_bundled(card, root)
     init_args.update(overrides)
-    model = _import(card["class_path"])(**init_args)
-    if pretrained:
-        _load_weights(model, card, root, name_or_path)
+    model = cls(**init_args)
+    if weights is not None:
+        from safetensors.torch import load_model
+
+        device = next((p.device for p in model.parameters()), "cpu")
+        load_model(model, weights, strict=True, device=str(device))
     return model
 
 
@@ -154,6 +186,8 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None) -> Path:
 
     Writes ``<user zoo>/<name>.yaml``: a copy of the folder's card whose ``root`` is the folder's absolute
     path (so the folder must stay where it is; re-register after moving it). Re-registering a name replaces it.
+    A card with a ``card_sha256`` must match it; one without (saved by an older version) gets one, registering
+    being the user's word that the folder is trusted.
 
     Args:
         checkpoint_dir: a folder written by :func:`save_pretrained`.
@@ -161,9 +195,17 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None) -> Path:
 
     Returns:
         The written card file.
+
+    Raises:
+        UntrustedCardError: the card names a class outside the allow-list, or was changed after saving.
     """
     folder = Path(checkpoint_dir).expanduser().resolve()
     card = _read_card(folder / CARD)
+    _check_class_path(card["class_path"], folder / CARD)
+    if "card_sha256" in card:
+        _verify_card(card, folder / CARD)
+    else:
+        card["card_sha256"] = card_digest(card)
     name = name or card.get("name") or folder.name
     if not _NAME.match(name):
         raise ValueError(f"model name {name!r}: use letters, digits and _ . + - (no path separators)")
@@ -173,6 +215,67 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None) -> Path:
     zoo = user_zoo_dir()
     zoo.mkdir(parents=True, exist_ok=True)
     return _write_card(card, zoo / f"{name}.yaml")
+
+
+def card_digest(card: dict[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of a card's security-relevant fields (:data:`SEALED_FIELDS`)."""
+    sealed = {key: card.get(key) for key in SEALED_FIELDS}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _verify_card(card: dict[str, Any], card_path: Path) -> None:
+    recorded = card.get("card_sha256")
+    if not recorded:
+        if card_path.parent == SHIPPED_DIR:
+            return
+        raise UntrustedCardError(
+            f"model card {card_path} (class_path {card.get('class_path')!r}) records no card_sha256; re-save the "
+            f"checkpoint, or register its folder with xmodal.register_model if you trust it"
+        )
+    if recorded != card_digest(card):
+        raise UntrustedCardError(
+            f"model card {card_path} (class_path {card.get('class_path')!r}) does not match its card_sha256: "
+            f"it was changed after saving"
+        )
+
+
+def _allowed_modules() -> tuple[str, ...]:
+    from importlib.metadata import entry_points
+
+    return ("xmodal", *(ep.module for ep in entry_points(group=PLUGIN_GROUP)))
+
+
+def _is_allowed(module: str, allowed: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in allowed)
+
+
+def _check_class_path(class_path: Any, card_path: Path) -> tuple[str, ...]:
+    """Refuse, without importing anything, a class_path outside this package and its plug-ins."""
+    allowed = _allowed_modules()
+    if not (
+        isinstance(class_path, str)
+        and _DOTTED.match(class_path)
+        and "__" not in class_path  # no dunders: `xmodal.__main__` would run on import
+        and _is_allowed(class_path.rpartition(".")[0], allowed)
+    ):
+        raise UntrustedCardError(
+            f"model card {card_path}: class_path {class_path!r} is not a model class of xmodal or of a "
+            f"registered {PLUGIN_GROUP} plug-in"
+        )
+    return allowed
+
+
+def _model_class(class_path: Any, card_path: Path) -> type[nn.Module]:
+    from torch import nn
+
+    allowed = _check_class_path(class_path, card_path)
+    obj = _import(class_path)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and _is_allowed(obj.__module__, allowed)):
+        raise UntrustedCardError(
+            f"model card {card_path}: class_path {class_path!r} is not a torch.nn.Module class of xmodal or of a "
+            f"registered {PLUGIN_GROUP} plug-in"
+        )
+    return obj
 
 
 def _card_files() -> dict[str, Path]:
@@ -269,9 +372,7 @@ def _compact_storages(model: nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def _load_weights(model: nn.Module, card: dict[str, Any], root: Path, name: str) -> None:
-    from safetensors.torch import load_model
-
+def _verified_weights(card: dict[str, Any], root: Path, name: str) -> Path:
     if not card.get("checkpoint"):
         raise ValueError(f"model {name!r} has no checkpoint in its card; use pretrained=False for the architecture")
     file = root / Path(os.path.expandvars(card["checkpoint"])).expanduser()
@@ -283,8 +384,7 @@ def _load_weights(model: nn.Module, card: dict[str, Any], root: Path, name: str)
     got = sha256_file(file)
     if got != expected:
         raise ChecksumError(f"model {name!r}: sha256 mismatch for {file}: expected {expected}, got {got}")
-    device = next((p.device for p in model.parameters()), "cpu")
-    load_model(model, file, strict=True, device=str(device))
+    return file
 
 
 def _import(class_path: str) -> Any:

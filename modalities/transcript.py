@@ -3,11 +3,15 @@
 Batch field: ``transcript`` (``list[str]``, one normalised sentence per sample). Every recognizer in xmodal
 (a lip reader, a from-scratch ASR, Whisper's decoded text) is scored on :func:`normalize_transcript` output, so
 "Place blue at F 2 now." and "place blue at f two now" count as the same sentence.
+
+Normalisation is Unicode-aware: letters, digits and combining marks of every script are kept (NFC, casefolded),
+so Cyrillic, Chinese or "café" (composed or decomposed) survive; only English spells digits as words.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,16 +21,30 @@ from torch import Tensor
 from xmodal.contracts import Batch, Modality
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_NON_WORD = re.compile(r"[^a-z0-9' ]+")
+ENGLISH = frozenset({"en", "eng", "english"})
 
 
-def normalize_transcript(text: str) -> str:
-    """Lowercase, drop punctuation, write each digit as a word, collapse whitespace.
+def is_english(language: str) -> bool:
+    """Whether a language tag (``"en"``, ``"en-US"``, ``"en_GB"``, ``"english"``) names English."""
+    return re.split(r"[-_]", language.strip().lower(), maxsplit=1)[0] in ENGLISH
 
-    Example: ``"Bin blue at F2, now."`` -> ``"bin blue at f two now"``.
+
+def _keep(char: str) -> bool:
+    """Letters (L*), numbers (N*), combining marks (M*) of any script, and the apostrophe."""
+    return char == "'" or unicodedata.category(char)[0] in "LNM"
+
+
+def normalize_transcript(text: str, language: str = "en") -> str:
+    """NFC, casefold, every character but letters/numbers/marks/apostrophe to a space, whitespace collapsed.
+
+    For English (``language`` ``"en"``, the default) each decimal digit is also written as a word; other
+    languages keep their digits. Examples: ``"Bin blue at F2, now."`` -> ``"bin blue at f two now"``,
+    ``normalize_transcript("Straße, Привет!", "de")`` -> ``"strasse привет"``.
     """
-    text = _NON_WORD.sub(" ", text.lower().replace("-", " "))
-    text = re.sub(r"\d", lambda m: f" {DIGIT_WORDS[int(m.group())]} ", text)
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+    text = "".join(char if _keep(char) else " " for char in text)
+    if is_english(language):
+        text = re.sub(r"\d", lambda m: f" {DIGIT_WORDS[int(m.group())]} ", text)
     return " ".join(text.split())
 
 
@@ -47,8 +65,9 @@ class CharVocab:
         return len(self.itos)
 
     def encode(self, text: str) -> list[int]:
-        """Character ids of ``normalize_transcript(text)`` (no sos/eos)."""
-        return [self.stoi[c] for c in normalize_transcript(text)]
+        """Character ids of ``normalize_transcript(text)`` (no sos/eos); characters outside the vocabulary
+        (e.g. "é" or Cyrillic with the default English one) are skipped."""
+        return [self.stoi[c] for c in normalize_transcript(text) if c in self.stoi]
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Text of ``ids``, stopping at ``<eos>`` and skipping blanks/sos."""
@@ -81,34 +100,45 @@ def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     return previous[-1]
 
 
-def error_counts(references: Sequence[str], hypotheses: Sequence[str], unit: str) -> tuple[int, int]:
-    """Summed edit distance and reference length over a corpus, in ``unit`` ``"char"`` or ``"word"``."""
+def error_counts(
+    references: Sequence[str], hypotheses: Sequence[str], unit: str, language: str = "en"
+) -> tuple[int, int]:
+    """Summed edit distance and reference length over a corpus, in ``unit`` ``"char"`` or ``"word"``, of the
+    :func:`normalize_transcript` (in ``language``) texts."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     errors = total = 0
     for ref, hyp in zip(references, hypotheses, strict=True):
-        ref, hyp = normalize_transcript(ref), normalize_transcript(hyp)
+        ref, hyp = normalize_transcript(ref, language), normalize_transcript(hyp, language)
         ref_units, hyp_units = (list(ref), list(hyp)) if unit == "char" else (ref.split(), hyp.split())
         errors += edit_distance(ref_units, hyp_units)
         total += len(ref_units)
     return errors, total
 
 
-def cer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus character error rate: total character edits / total reference characters (spaces included)."""
-    errors, total = error_counts(references, hypotheses, "char")
+def cer(references: Sequence[str], hypotheses: Sequence[str], language: str = "en") -> float:
+    """Corpus character error rate: total character edits / total reference characters (spaces included).
+
+    Characters are NFC code points, as in ``jiwer.cer``; this is the usual metric for Mandarin and other
+    scripts written without spaces.
+    """
+    errors, total = error_counts(references, hypotheses, "char", language)
     return errors / max(total, 1)
 
 
-def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus word error rate: total word edits / total reference words."""
-    errors, total = error_counts(references, hypotheses, "word")
+def wer(references: Sequence[str], hypotheses: Sequence[str], language: str = "en") -> float:
+    """Corpus word error rate: total word edits / total reference words.
+
+    Words are whitespace-separated, as in ``jiwer.wer``: in unsegmented text (Chinese, Japanese, Thai) a whole
+    run between spaces counts as one word, so use :func:`cer` there.
+    """
+    errors, total = error_counts(references, hypotheses, "word", language)
     return errors / max(total, 1)
 
 
-def sentence_cer(reference: str, hypothesis: str) -> float:
+def sentence_cer(reference: str, hypothesis: str, language: str = "en") -> float:
     """CER of one sentence (used to filter a teacher's outputs)."""
-    return cer([reference], [hypothesis])
+    return cer([reference], [hypothesis], language)
 
 
 def decoder_targets(vocab: CharVocab, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,13 +172,14 @@ class TranscriptModality(Modality):
     name = "transcript"
     fields = ("transcript",)
 
-    def __init__(self, field: str = "txt") -> None:
+    def __init__(self, field: str = "txt", language: str = "en") -> None:
         self.field = field
+        self.language = language
 
     def decode(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         data = sample[self.field]
         text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
-        return {"transcript": normalize_transcript(text)}
+        return {"transcript": normalize_transcript(text, self.language)}
 
     def collate(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         return {"transcript": [item["transcript"] for item in items]}

@@ -59,11 +59,15 @@ def decode_points(data: bytes, max_points: int | None = None) -> Tensor:
 
 
 def yaw_of(rotation: float | Sequence[float]) -> float:
-    """A yaw in radians, or the yaw (about z) of a quaternion ``[w, x, y, z]``."""
+    """A yaw in radians, or the yaw (about z) of a quaternion ``[w, x, y, z]`` of any non-zero norm."""
     if isinstance(rotation, int | float):
         return float(rotation)
-    w, x, y, z = rotation
-    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+    w, x, y, z = (float(v) for v in rotation)
+    norm_sq = w * w + x * x + y * y + z * z
+    if not norm_sq > 0:
+        raise ValueError(f"rotation quaternion {list(rotation)} has zero norm")
+    # divided by the squared norm, so a quaternion rounded to a few decimals gives the yaw of its unit version
+    return math.atan2(2.0 * (w * z + x * y), norm_sq - 2.0 * (y * y + z * z))
 
 
 def decode_boxes(

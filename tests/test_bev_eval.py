@@ -130,6 +130,34 @@ def test_aoe_wraps_around() -> None:
     assert flipped["mAOE"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_devkit_orientation_defaults_for_barrier_and_traffic_cone() -> None:
+    classes = ["barrier", "traffic_cone", "car"]
+    gts = [dets([box(0, 0, yaw=0.2), box(5, 5, yaw=0.0), box(-6, 3, yaw=0.3)], [0, 1, 2])]
+    preds = [dets([box(0, 0, yaw=0.2 + math.pi), box(5, 5, yaw=2.0), box(-6, 3, yaw=0.8)], [0, 1, 2],
+                  [0.9, 0.9, 0.9])]
+    metrics = detection_metrics(preds, gts, classes)
+    per_class = metrics["per_class"]
+    assert per_class["barrier"]["AOE"] == pytest.approx(0.0, abs=1e-9)  # a barrier looks the same turned by pi
+    assert per_class["traffic_cone"]["AOE"] is None  # a cone has no orientation
+    assert metrics["mAOE"] == pytest.approx((0.0 + 0.5) / 2)  # the mean over the two classes that have AOE
+    full_turn = detection_metrics(preds, gts, classes, orientation_periods={"barrier": 2 * math.pi},
+                                  no_orientation=())
+    assert full_turn["per_class"]["barrier"]["AOE"] == pytest.approx(math.pi)
+    assert full_turn["per_class"]["traffic_cone"]["AOE"] == pytest.approx(2.0)
+
+
+def test_yaw_of_normalises_quaternions() -> None:
+    from xmodal.modalities.bev import yaw_of
+
+    for yaw in (-2.9, -0.4, 0.0, 1.3, 3.0):
+        w, z = math.cos(yaw / 2), math.sin(yaw / 2)
+        assert yaw_of([round(w, 6), 0.0, 0.0, round(z, 6)]) == pytest.approx(math.atan2(round(z, 6), round(w, 6)) * 2,
+                                                                             abs=1e-12)
+        assert yaw_of([2.5 * w, 0.0, 0.0, 2.5 * z]) == pytest.approx(yaw, abs=1e-12)
+    with pytest.raises(ValueError, match="zero norm"):
+        yaw_of([0.0, 0.0, 0.0, 0.0])
+
+
 def test_no_predictions() -> None:
     metrics = detection_metrics([dets([], scores=[])], [dets([box(0, 0)])], ["car"])
     assert metrics["mAP"] == 0.0 and metrics["NDS"] == 0.0
@@ -172,6 +200,7 @@ def test_results_json_round_trip(tmp_path: Path) -> None:
     assert first["size"] == [2.0, 4.0, 1.5] and first["velocity"] == [0.0, 0.0] and first["attribute_name"] == ""
     assert data["results"]["tok1"] == []
     back = read_results(path, CLASSES)
+    assert back["tok0"]["boxes"].dtype == torch.float64 and back["tok0"]["scores"].dtype == torch.float64
     for token, pred in zip(["tok0", "tok1"], preds, strict=True):
         assert torch.allclose(back[token]["boxes"].double(), pred["boxes"], atol=1e-6)
         assert torch.allclose(back[token]["scores"].double(), pred["scores"], atol=1e-6)
@@ -248,8 +277,8 @@ def test_cli_scores_a_results_json(shards: str, tmp_path: Path, capsys: pytest.C
     truths = [dets([b for name, b in s if name in CLASSES], [CLASSES.index(n) for n, _ in s if n in CLASSES])
               for s in SCENES]
     direct = detection_metrics(preds, truths, CLASSES)
-    for key in ("mAP", "NDS", "mATE", "mASE", "mAOE"):
-        assert metrics[key] == pytest.approx(direct[key])
+    for key in ("mAP", "NDS", "mATE", "mASE", "mAOE"):  # the shards' boxes are float32, the results' float64
+        assert metrics[key] == pytest.approx(direct[key], abs=1e-6)
     car = metrics["per_class"]["car"]
     assert car["AP@2"] == pytest.approx(1.0) and car["AP@1"] < 0.9
     assert metrics["per_class"]["pedestrian"]["AP"] == pytest.approx(1.0)

@@ -29,7 +29,8 @@ Protocol (nuScenes detection, re-implemented here; all numbers below are the def
 * **TP errors**, at the 2 m threshold, for every match: ATE, the centre distance in BEV (m); ASE, ``1 - IoU`` of
   the two boxes once their centres and orientations are aligned (a size-only 3D IoU); AOE, the smallest yaw
   difference (radians, in [0, pi]). Yaw is 2 pi-periodic for every class unless ``orientation_periods`` says
-  otherwise (the devkit uses pi for ``barrier`` only; none of the default classes is symmetric). Each error is
+  otherwise; by default, as in the devkit, ``barrier`` has period pi and ``traffic_cone`` has no AOE (its
+  orientation is undefined: its AOE is ``None`` and it is left out of mAOE). Each error is
   averaged cumulatively over the matches in score order, resampled at the recall points through the confidence,
   and averaged from just above ``min_recall`` up to the highest recall reached; a class that never gets past
   ``min_recall`` (no TP at all, for instance) gets error 1. mATE, mASE and mAOE are the means over classes.
@@ -68,6 +69,8 @@ from xmodal.eval.zeroshot import evaluating
 DIST_THRESHOLDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 TP_THRESHOLD = 2.0
 TP_ERRORS: tuple[str, ...] = ("ATE", "ASE", "AOE")
+DEFAULT_ORIENTATION_PERIODS: dict[str, float] = {"barrier": math.pi}
+NO_ORIENTATION_CLASSES: tuple[str, ...] = ("traffic_cone",)
 MAP_WEIGHT = 5.0
 RECALL = np.linspace(0.0, 1.0, 101)
 DEFAULT_CLASSES: tuple[str, ...] = ("car", "truck", "pedestrian", "cyclist")
@@ -250,6 +253,7 @@ def detection_metrics(
     max_range: float | Mapping[str, float] | None = None,
     min_gt_points: int = 1,
     orientation_periods: Mapping[str, float] | None = None,
+    no_orientation: Sequence[str] = NO_ORIENTATION_CLASSES,
     ignore_empty_classes: bool = True,
 ) -> dict[str, Any]:
     """nuScenes-style detection metrics (the protocol is in the module docstring).
@@ -264,7 +268,8 @@ def detection_metrics(
         min_recall, min_precision: the AP and TP-error clipping of nuScenes.
         max_range: keep only boxes (both sides) whose BEV centre is nearer to the ego; a float or per-class map.
         min_gt_points: drop ground truth with fewer LiDAR points (only where it carries ``num_points``).
-        orientation_periods: per class, the yaw period for AOE (default 2 pi).
+        orientation_periods: per class, the yaw period for AOE (default 2 pi; ``barrier`` pi unless given here).
+        no_orientation: classes without AOE (default ``traffic_cone``, as in the devkit).
         ignore_empty_classes: leave classes without ground truth out of the means (else AP 0 and errors 1).
 
     Returns:
@@ -274,7 +279,7 @@ def detection_metrics(
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} prediction samples but {len(ground_truth)} ground-truth samples")
-    periods = dict(orientation_periods or {})
+    periods = {**DEFAULT_ORIENTATION_PERIODS, **(orientation_periods or {})}
     ap_keys = [f"AP@{t:g}" for t in dist_thresholds]
     per_class: dict[str, dict[str, Any]] = {}
     empty: list[str] = []
@@ -295,11 +300,13 @@ def detection_metrics(
         row.update(zip(ap_keys, aps, strict=True))
         row["AP"] = float(np.mean(aps))
         row.update({e: tp_error(curves[tp_threshold], e, min_recall) for e in TP_ERRORS})
+        if name in no_orientation:
+            row["AOE"] = None
         per_class[name] = row
 
     scored = [row for row in per_class.values() if row["AP"] is not None]
     mean_ap = float(np.mean([row["AP"] for row in scored])) if scored else 0.0
-    errors = {e: float(np.mean([row[e] for row in scored])) if scored else 1.0 for e in TP_ERRORS}
+    errors = {e: mean_error([row[e] for row in scored]) for e in TP_ERRORS}
     return {
         "mAP": mean_ap,
         "NDS": nd_score(mean_ap, errors),
@@ -313,8 +320,15 @@ def detection_metrics(
         "per_class": per_class,
         "protocol": {"dist_thresholds": list(dist_thresholds), "tp_threshold": tp_threshold,
                      "min_recall": min_recall, "min_precision": min_precision, "max_range": max_range,
-                     "min_gt_points": min_gt_points, "ignore_empty_classes": ignore_empty_classes},
+                     "min_gt_points": min_gt_points, "ignore_empty_classes": ignore_empty_classes,
+                     "orientation_periods": periods, "no_orientation": list(no_orientation)},
     }
+
+
+def mean_error(values: Sequence[float | None]) -> float:
+    """Mean over the classes that have the error (``None``: undefined for the class); 1 when none has it."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else 1.0
 
 
 # ------------------------------------------------------------------------------------------ nuScenes results JSON
@@ -379,8 +393,8 @@ def read_results(path: str | Path, classes: Sequence[str]) -> dict[str, dict[str
             scores = [float(b["detection_score"]) for b in kept]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: sample {token!r} has a malformed box ({error!r})") from error
-        out[token] = {"boxes": torch.tensor(rows, dtype=torch.float32).reshape(-1, 7),
-                      "scores": torch.tensor(scores, dtype=torch.float32),
+        out[token] = {"boxes": torch.tensor(rows, dtype=torch.float64).reshape(-1, 7),
+                      "scores": torch.tensor(scores, dtype=torch.float64),
                       "labels": torch.tensor([index[b["detection_name"]] for b in kept], dtype=torch.int64)}
     return out
 

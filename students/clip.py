@@ -8,6 +8,7 @@ It is used both as a student and, once trained, as a teacher: :func:`save_open_c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, Outputs
+from xmodal.contracts import Batch, Outputs, check_config_keys
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD, ImageNormalize
 from xmodal.modalities.text import load_tokenizer, tokens_for, vocab_size
 
@@ -54,6 +55,8 @@ class CLIPStudent(nn.Module):
         self.init_args = {"embed_dim": embed_dim, "vision_cfg": dict(vision_cfg), "text_cfg": dict(text_cfg),
                           "tokenizer": tokenizer, "mean": list(mean), "std": list(std),
                           "init_logit_scale": init_logit_scale}
+        check_config_keys("vision_cfg", vision_cfg, [f.name for f in dataclasses.fields(open_clip.model.CLIPVisionCfg)])
+        check_config_keys("text_cfg", text_cfg, [f.name for f in dataclasses.fields(open_clip.model.CLIPTextCfg)])
         text_cfg = dict(text_cfg)
         text_cfg.setdefault("vocab_size", vocab_size(tokenizer))
         if text_cfg.get("pool_type") == "eos" and not Path(tokenizer).is_dir():

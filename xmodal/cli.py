@@ -113,6 +113,8 @@ def run_lightning(argv: Sequence[str]) -> None:
         )
     except ConfigKeyError as error:
         raise SystemExit(f"xmodal: configuration error in {files}: {error}") from error
+    except FileNotFoundError as error:
+        raise SystemExit(f"xmodal: a file named in {files} is missing: {error}") from error
     except Exception as error:
         if type(error).__name__ == "ArgumentError":
             raise SystemExit(f"xmodal: configuration error in {files}: {error}") from error

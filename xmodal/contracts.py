@@ -38,6 +38,18 @@ Keys = str | Sequence[str]
 CACHE_PREFIX = "teacher/"
 
 
+class ConfigKeyError(ValueError):
+    """A config names a key that does not exist: an output no model produces, or a field a component lacks."""
+
+
+def check_config_keys(where: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Raise :class:`ConfigKeyError` naming ``where.key`` for every key of ``given`` not in ``allowed``."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        names = ", ".join(f"{where}.{key}" for key in unknown)
+        raise ConfigKeyError(f"unknown key {names} (known: {', '.join(sorted(allowed))})")
+
+
 @runtime_checkable
 class Modality(Protocol):
     """A modality plug-in: how samples of one kind are decoded, batched and prepared on the device.

@@ -19,15 +19,33 @@ from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, DistillLoss, Outputs, Teacher, key_list
+from xmodal.contracts import Batch, ConfigKeyError, DistillLoss, Outputs, Teacher, key_list
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
 
 
-class ConfigKeyError(ValueError):
-    """A loss reads an output key that no model produces."""
+class LossShapeError(ConfigKeyError):
+    """A loss failed on student and teacher outputs whose shapes differ: a config mistake, named as such."""
+
+
+def shapes_of(value: Any) -> list[tuple[int, ...]]:
+    values = value if isinstance(value, list | tuple) else [value]
+    return [tuple(v.shape) for v in values if isinstance(v, Tensor)]
+
+
+def call_loss(loss: DistillLoss, student: Any, teacher: Any, batch: Batch) -> Tensor:
+    """``loss(student, teacher, batch)``; a failure on outputs of different shapes names the loss and the shapes."""
+    try:
+        return loss(student, teacher, batch)
+    except (RuntimeError, ValueError) as error:
+        if teacher is None or shapes_of(student) == shapes_of(teacher):
+            raise
+        raise LossShapeError(
+            f"loss {loss.name!r} ({type(loss).__name__}, student_key {loss.student_key!r}, teacher_key "
+            f"{loss.teacher_key!r}) got student outputs of shape {shapes_of(student)} and teacher outputs of shape "
+            f"{shapes_of(teacher)}: {str(error).splitlines()[0]}") from error
 
 
 class EmptyEpochError(RuntimeError):
@@ -119,7 +137,7 @@ class Distiller(L.LightningModule):
         terms: dict[str, Tensor] = {}
         for loss in self.terms:
             s, t = loss.select(student_out, teacher_out)
-            terms[loss.name] = loss(s, t, batch)
+            terms[loss.name] = call_loss(loss, s, t, batch)
         total = sum(loss.weight * terms[loss.name] for loss in self.terms)
         assert isinstance(total, Tensor)
         return total, terms

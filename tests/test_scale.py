@@ -25,7 +25,7 @@ from tests.conftest import tiny_clip_args
 from xmodal.callbacks import ExportStudent
 from xmodal.data.resume import WORKER
 from xmodal.data.shards import shard_pattern, write_shards
-from xmodal.data.wds import WdsDataModule
+from xmodal.data.wds import WdsDataModule, expand_shards
 from xmodal.distiller import Distiller
 from xmodal.losses import CLIPContrastiveLoss
 from xmodal.modalities.image import ImageModality
@@ -67,7 +67,7 @@ class KeyedData(WdsDataModule):
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
-def keyed_data(pattern: str, augment: bool = False, **kwargs: Any) -> KeyedData:
+def keyed_data(pattern: str | list[str], augment: bool = False, **kwargs: Any) -> KeyedData:
     kwargs = {"batch_size": 3, "shuffle_buffer": 4, "seed": 0, **kwargs}
     image = ImageModality(16, crop_scale=0.5, flip=True) if augment else ImageModality(16)
     return KeyedData([image, TextModality()], train=pattern, **kwargs)
@@ -530,6 +530,26 @@ def test_resume_with_another_worker_count_or_world_size_restarts_the_epoch(
     with caplog.at_level("WARNING"):
         data.train_dataloader()
     assert "for 2 processes, this run has 1" in caplog.text
+
+
+def test_resume_after_a_data_change_warns_and_restarts_the_epoch(
+        key_shards: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = keyed_data(key_shards, num_workers=0)
+    identity = data.data_identity()
+    saved = {"epoch": 1, "batches": 3, "consumed": {0: 9}, "workers": 0, **identity}
+    data.load_state_dict({"train_positions": [saved]})
+    assert len(list(data.train_dataloader())) < N_SHARDS * PER_SHARD // 3  # same data: the epoch goes on
+    for changed in ({"data_seed": identity["data_seed"] + 1}, {"shards_sha256": "0" * 64}):
+        data.load_state_dict({"train_positions": [{**saved, **changed}]})
+        with caplog.at_level("WARNING"):
+            batches = list(data.train_dataloader())
+        assert f"training data changed since the checkpoint ({next(iter(changed))}" in caplog.text
+        assert len(batches) == N_SHARDS * PER_SHARD // 3  # the whole epoch again, nothing seen twice or skipped
+        caplog.clear()
+    extra = tmp_path / "extra-000000.tar"
+    extra.write_bytes(Path(sorted(expand_shards(key_shards))[0]).read_bytes())
+    grown = keyed_data([key_shards, str(extra)], num_workers=0)
+    assert grown.data_identity()["shards_sha256"] != identity["shards_sha256"]
 
 
 def test_in_turn_continues_the_round_robin() -> None:

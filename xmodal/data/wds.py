@@ -11,6 +11,7 @@ resumed mid-epoch sees no sample twice and skips none (see :mod:`xmodal.data.res
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -204,7 +205,16 @@ class WdsDataModule(L.LightningDataModule):
         """Every rank's stream position and RNG state (a collective under DDP, where all ranks save checkpoints)."""
         if self.train_loader is None:
             return {}
-        return {"train_positions": gather_positions({**self.train_loader.position(), "rng": rng_state()})}
+        position = {**self.train_loader.position(), "rng": rng_state(), **self.data_identity()}
+        return {"train_positions": gather_positions(position)}
+
+    def data_identity(self) -> dict[str, Any]:
+        """What a stream position is valid for: the data seed and a digest of the training shards' names and sizes."""
+        digest = hashlib.sha256()
+        for path in sorted(expand_shards(self.shards["train"] or [])):
+            size = os.path.getsize(path) if os.path.exists(path) else -1
+            digest.update(f"{path}\t{size}\n".encode())
+        return {"data_seed": self.data_seed(), "shards_sha256": digest.hexdigest()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_positions = state_dict.get("train_positions")
@@ -218,7 +228,13 @@ class WdsDataModule(L.LightningDataModule):
         if position is None:
             return
         self._resume_rng = position.get("rng")
-        if position.get("workers", self.num_workers) != self.num_workers:
+        changed = [f"{key} {position[key]!r} -> {value!r}" for key, value in self.data_identity().items()
+                   if key in position and position[key] != value]
+        if changed:
+            log.warning("the training data changed since the checkpoint (%s): the interrupted epoch restarts from its "
+                        "beginning", "; ".join(changed))
+            position = {"epoch": position["epoch"], "consumed": {}}
+        elif position.get("workers", self.num_workers) != self.num_workers:
             log.warning("checkpoint stream position is for num_workers=%s, this run has %d: the interrupted epoch "
                         "restarts from its beginning", position.get("workers"), self.num_workers)
             position = {"epoch": position["epoch"], "consumed": {}}

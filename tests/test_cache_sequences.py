@@ -28,18 +28,37 @@ SECONDS = (0.5, 1.7, 0.9, 1.2, 0.6, 1.5, 0.8)
 TEXTS = ("bin blue", "set red by g nine again", "lay", "place white at t", "now", "bin green with z two soon", "ok")
 
 
-def test_pad_stack_pads_every_dimension_with_zeros_and_false() -> None:
-    a, b = torch.ones(2, 3), torch.full((4, 1), 2.0)
+def test_pad_stack_pads_the_sequence_dimension_and_refuses_any_other_mismatch() -> None:
+    a, b = torch.ones(2, 3), torch.full((4, 3), 2.0)
     out = pad_stack([a, b])
     assert out.shape == (2, 4, 3)
     assert torch.equal(out[0], torch.tensor([[1.0, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]]))
-    assert torch.equal(out[1], torch.tensor([[2.0, 0, 0], [2, 0, 0], [2, 0, 0], [2, 0, 0]]))
+    assert torch.equal(out[1], b)
     masks = pad_stack([torch.tensor([True, True]), torch.tensor([True])])
     assert masks.dtype == torch.bool and masks.tolist() == [[True, True], [True, False]]
     same = [torch.randn(3), torch.randn(3)]
-    assert torch.equal(pad_stack(same), torch.stack(same))
+    assert torch.equal(pad_stack(same, ragged=False), torch.stack(same))
     with pytest.raises(ValueError, match="ranks"):
         pad_stack([torch.zeros(2), torch.zeros(2, 2)])
+    with pytest.raises(ValueError, match=r"teacher/audio.frames: samples disagree in trailing shapes"):
+        pad_stack([torch.zeros(2, 3), torch.zeros(4, 1)], "teacher/audio.frames")
+    with pytest.raises(ValueError, match=r"teacher/image.emb: .*not a masked sequence"):  # a wrong-size cached output
+        pad_stack([torch.zeros(16), torch.zeros(12)], "teacher/image.emb", ragged=False)
+
+
+def test_collate_pads_only_cached_outputs_that_have_a_mask() -> None:
+    from xmodal.data.decoders import collate_items
+
+    def item(key: str, frames: int) -> dict:
+        return {"__key__": key, "teacher/audio.frames": torch.ones(frames, 3),
+                "teacher/audio.frames_mask": torch.ones(frames).bool(), "teacher/image.emb": torch.ones(4)}
+
+    items = [item("a", 2), item("b", 3)]
+    batch = collate_items(items, [])
+    assert batch["teacher/audio.frames"].shape == (2, 3, 3) and batch["teacher/image.emb"].shape == (2, 4)
+    items[1]["teacher/image.emb"] = torch.ones(3)
+    with pytest.raises(ValueError, match="teacher/image.emb"):
+        collate_items(items, [])
 
 
 def flac_bytes(seconds: float, seed: int) -> bytes:

@@ -58,18 +58,30 @@ def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modal
         batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
     for key in items[0]:
         if key.startswith(CACHE_PREFIX):
-            batch[key] = pad_stack([item[key] for item in items], key)
+            batch[key] = pad_stack([item[key] for item in items], key, ragged=has_mask(key, items[0]))
     return batch
 
 
-def pad_stack(tensors: Sequence[torch.Tensor], name: str = "tensor") -> torch.Tensor:
-    """Stack tensors of one rank, zero-padding (``False`` for masks) each dimension up to the largest size.
+def has_mask(key: str, item: Mapping[str, Any]) -> bool:
+    """Whether cached output ``key`` is a sequence with a ``<base>_mask`` (as ``xmodal cache`` stores trimmed ones)."""
+    base = key.removesuffix("_mask").removesuffix(".topv").removesuffix(".topi")
+    return f"{base}_mask" in item
+
+
+def pad_stack(tensors: Sequence[torch.Tensor], name: str = "tensor", ragged: bool = True) -> torch.Tensor:
+    """Stack tensors of one rank; with ``ragged``, zero-pad (``False`` for masks) the leading dimension.
 
     Cached sequence outputs (a teacher's frames or context vectors with their ``*_mask``) are stored trimmed per
-    sample, so a batch mixes lengths; padding with zeros keeps every mask false past its sample's length.
+    sample, so a batch mixes lengths; padding with zeros keeps every mask false past its sample's length. Any other
+    shape mismatch (a cached output of the wrong size, say) is refused, never padded.
     """
     if len({t.dim() for t in tensors}) > 1:
         raise ValueError(f"{name}: cannot batch tensors of ranks {sorted({t.dim() for t in tensors})}")
+    fixed = {tuple(t.shape[1:] if ragged else t.shape) for t in tensors}
+    if len(fixed) > 1:
+        what = "trailing shapes" if ragged else "shapes (not a masked sequence, so it cannot be padded)"
+        raise ValueError(f"{name}: samples disagree in {what}: {sorted(fixed)}; the cache does not match this "
+                         "teacher or was written by another one")
     shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors), strict=True)]
     if all(list(t.shape) == shape for t in tensors):
         return torch.stack(list(tensors))

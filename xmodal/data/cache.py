@@ -2,7 +2,9 @@
 
 The new shards hold every original field untouched plus ``teacher.<output key>.npy`` (float outputs as float16,
 masks as bool, integer outputs as int32), and the output folder gets ``manifest.json`` with the teacher's identity
-(its :meth:`manifest`), the source pattern, the dtype and the sample count.
+(its :meth:`manifest`), the source pattern, the dtype, the sample count and the corrupt samples skipped (as training
+skips them: any decoder failure). Shards appear only once all are written, so a failed run leaves the folder as it
+was, and an output folder holding the source shards under the same prefix is refused.
 :class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
 does not match the configured teacher. Outputs are computed on the un-augmented samples (the modalities'
 evaluation transform), so a cache is only valid for training without teacher-side augmentation.
@@ -23,6 +25,8 @@ temperatures the tail is an approximation.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,12 +39,17 @@ from tqdm.auto import tqdm
 
 from xmodal.contracts import Modality, Teacher
 from xmodal.data.decoders import CACHE_FIELD_PREFIX, collate_items, decode_sample
-from xmodal.data.shards import shard_pattern, write_shards
-from xmodal.data.wds import expand_shards, move_batch, prepare_on_device
+from xmodal.data.shards import existing_shards, shard_pattern, write_shards
+from xmodal.data.wds import REMOTE, expand_shards, move_batch, prepare_on_device
 from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
 
+log = logging.getLogger(__name__)
 CACHE_DTYPE = np.float16
 MASK_SUFFIX = "_mask"  # ``<key>_mask`` (bool ``B x T``) marks the valid positions of output ``<key>``
+
+
+class OutputOverlapsInput(ValueError):
+    """The cache would overwrite or delete one of its own source shards."""
 
 
 def _raw_batches(shards: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -105,8 +114,20 @@ def _with_outputs(
     stats: dict[str, Any], top_k: dict[str, int],
 ) -> Iterator[dict[str, Any]]:
     progress = tqdm(desc="caching teacher outputs", unit="sample")
-    for raw in _raw_batches(shards, batch_size):
-        batch = collate_items([decode_sample(s, modalities) for s in raw], modalities)
+    for chunk in _raw_batches(shards, batch_size):
+        raw: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
+        for sample in chunk:
+            try:
+                items.append(decode_sample(sample, modalities))
+                raw.append(sample)
+            except Exception as error:  # any decoder failure means a corrupt sample, as in training
+                stats["skipped"].append(sample.get("__key__"))
+                log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
+        progress.update(len(chunk) - len(raw))
+        if not items:
+            continue
+        batch = collate_items(items, modalities)
         batch = prepare_on_device(move_batch(batch, device), modalities, train=False)
         with torch.inference_mode():
             arrays = _to_arrays(teacher(batch), top_k, stats)
@@ -136,8 +157,14 @@ def cache_teacher(
                          f"(it outputs {sorted(teacher.output_keys)})")
     teacher.to(device).eval()
     out = Path(out)
-    prefix = prefix or Path(expand_shards(shards)[0]).name.rsplit("-", 1)[0]
-    stats: dict[str, Any] = {"count": 0, "constants": {}, "top_k": {}}
+    sources = expand_shards(shards)
+    prefix = prefix or Path(sources[0]).name.rsplit("-", 1)[0]
+    inputs = {Path(url).resolve() for url in sources if not REMOTE.match(url)}
+    for path in existing_shards(out, prefix):
+        if path.resolve() in inputs:
+            raise OutputOverlapsInput(f"refusing to cache into {out}: {path} is a source shard and would be "
+                                      "overwritten or deleted; choose another --out or --prefix")
+    stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}}
     started = time.perf_counter()
     paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats, top_k), out, prefix,
                          max_count=shard_size)
@@ -147,11 +174,15 @@ def cache_teacher(
         "shards": shard_pattern(paths),
         "dtype": "float16",
         "count": stats["count"],
+        "skipped": len(stats["skipped"]),
+        "skipped_keys": stats["skipped"],
         "constants": stats["constants"],
         "top_k": stats["top_k"],
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    partial = out / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(out / MANIFEST)
     return manifest
 
 
@@ -161,5 +192,11 @@ def cache_main(argv: Sequence[str]) -> None:
 
     import xmodal.cli  # noqa: F401  (registers short class names)
 
-    manifest = CLI(cache_teacher, args=list(argv), as_positional=False)
-    print(json.dumps({k: manifest[k] for k in ("shards", "count", "seconds")}, indent=2))
+    try:
+        manifest = CLI(cache_teacher, args=list(argv), as_positional=False)
+    except OutputOverlapsInput as error:
+        raise SystemExit(f"xmodal cache: {error}") from error
+    print(json.dumps({k: manifest[k] for k in ("shards", "count", "skipped", "seconds")}, indent=2))
+    if manifest["skipped"]:
+        print(f"xmodal cache: skipped {manifest['skipped']} corrupt sample(s): {', '.join(manifest['skipped_keys'])}",
+              file=sys.stderr)

@@ -16,6 +16,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 SHARD_DIGITS = 6
+PARTIAL = ".partial"  # suffix of shards still being written
 
 
 def write_shards(
@@ -30,8 +31,12 @@ def write_shards(
 ) -> list[Path]:
     """Write ``samples`` to ``out_dir/{prefix}-000000.tar``, ``{prefix}-000001.tar``, ...
 
-    Shards left in ``out_dir`` under the same prefix by an earlier run are deleted first, so a pattern built
-    from the returned paths never mixes runs.
+    Shards are written as ``.{prefix}-NNNNNN.tar.partial`` and renamed only once every sample is written, so a
+    failure (an exception from ``samples`` included) leaves no partial shard: the temporaries are removed and
+    the folder keeps what it held before. Only after the renames are shards that an earlier run left under the
+    same prefix (:func:`existing_shards`) replaced or deleted, so a pattern built from the returned paths never
+    mixes runs and ``samples`` may still be reading them lazily while this writes. Callers whose inputs could be
+    such shards must refuse that themselves (``xmodal cache`` does).
 
     Args:
         samples: sample dicts, each with ``__key__`` and extension keys (``png``, ``txt``, ``json``, ``npy``...).
@@ -50,27 +55,40 @@ def write_shards(
         raise ValueError(f"max_count must be >= 1, got {max_count}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale = re.compile(rf"{re.escape(prefix)}-\d{{{SHARD_DIGITS}}}\.tar")
-    for old in out.iterdir():
-        if stale.fullmatch(old.name):
-            old.unlink()
-
-    paths: list[Path] = []
+    partials: list[Path] = []
     written = 0
-    pattern = str(out / f"{prefix}-%0{SHARD_DIGITS}d.tar")
+    pattern = str(out / f".{prefix}-%0{SHARD_DIGITS}d.tar{PARTIAL}")
     bar = tqdm(total=total, desc=progress, unit="sample", disable=progress is None, dynamic_ncols=True)
-    with bar, wds.ShardWriter(
-        pattern, maxcount=max_count, verbose=0, post=lambda name: paths.append(Path(name)), mtime=mtime
-    ) as sink:
-        for sample in samples:
-            sink.write(sample)
-            written += 1
-            bar.update()
-    if written == 0:
-        for path in paths:
+    try:
+        with bar, wds.ShardWriter(
+            pattern, maxcount=max_count, verbose=0, post=lambda name: partials.append(Path(name)), mtime=mtime
+        ) as sink:
+            for sample in samples:
+                sink.write(sample)
+                written += 1
+                bar.update()
+    except BaseException:
+        for path in partials:
             path.unlink(missing_ok=True)
-        return []
+        raise
+    paths: list[Path] = []
+    for partial in partials:
+        if written:
+            paths.append(partial.replace(partial.with_name(partial.name[1:].removesuffix(PARTIAL))))
+        else:  # ShardWriter opens its first shard before any sample arrives
+            partial.unlink(missing_ok=True)
+    for old in set(existing_shards(out, prefix)) - set(paths):
+        old.unlink()
     return paths
+
+
+def existing_shards(out_dir: str | Path, prefix: str) -> list[Path]:
+    """The ``{prefix}-NNNNNN.tar`` files in ``out_dir``: what :func:`write_shards` there would replace or delete."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    name = re.compile(rf"{re.escape(prefix)}-\d{{{SHARD_DIGITS}}}\.tar")
+    return sorted(path for path in out.iterdir() if name.fullmatch(path.name))
 
 
 def shard_pattern(paths: Sequence[str | Path]) -> str:

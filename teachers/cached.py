@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmodal.contracts import CACHE_PREFIX, Batch, Outputs, Teacher
+from xmodal.contracts import CACHE_ID, CACHE_PREFIX, Batch, Outputs, Teacher
 
 MANIFEST = "manifest.json"
 TOPV, TOPI = ".topv", ".topi"  # top-k log-probabilities and their indices, for logits cached with ``top_k``
@@ -62,6 +62,7 @@ class CachedTeacher(nn.Module, Teacher):
         self.top_k: dict[str, dict[str, int]] = dict(self.cache_manifest.get("top_k", {}))
 
     def forward(self, batch: Batch) -> Outputs:
+        self.check_cache_ids(batch.get(CACHE_ID))
         fields = {k: [k + TOPV, k + TOPI] if k in self.top_k else [k] for k in self.output_keys
                   if k not in self.constants}
         missing = [f for names in fields.values() for f in names if CACHE_PREFIX + f not in batch]
@@ -78,6 +79,17 @@ class CachedTeacher(nn.Module, Teacher):
         device = next(iter(outputs.values())).device if outputs else None
         outputs.update({k: torch.tensor(v, device=device) for k, v in self.constants.items()})
         return outputs
+
+    def check_cache_ids(self, ids: list[str] | None) -> None:
+        """Refuse samples cached by another run of ``xmodal cache`` than the one that wrote this manifest."""
+        expected = self.cache_manifest.get("cache_id")
+        if expected is None or ids is None:  # caches written before ids existed carry none
+            return
+        foreign = sorted(set(ids) - {expected})
+        if foreign:
+            raise CacheMismatchError(
+                f"the training shards hold teacher outputs of cache {foreign[0]}, but {self.manifest_path} describes "
+                f"cache {expected}: point model.teacher.init_args.manifest at the manifest written with these shards")
 
     def manifest(self) -> dict[str, Any]:
         return dict(self.cache_manifest["teacher_manifest"])

@@ -93,7 +93,7 @@ def cached_fields(tar: Path) -> dict[str, dict[str, np.ndarray]]:
     with tarfile.open(tar) as archive:
         for member in archive.getmembers():
             key, _, field = member.name.partition(".")
-            if field.startswith("teacher."):
+            if field.startswith("teacher.") and field.endswith(".npy"):
                 data = archive.extractfile(member)
                 assert data is not None
                 fields.setdefault(key, {})[field] = np.load(io.BytesIO(data.read()))

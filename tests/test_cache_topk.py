@@ -103,3 +103,17 @@ def test_the_teacher_runs_in_inference_mode_and_the_student_still_trains(shapes_
     assert outputs is not None and not outputs["image.logits"].is_inference()
     assert model.student.head.weight.grad is not None and model.student.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_shards_of_one_cache_are_refused_with_another_caches_manifest(shapes_dir: Path, tmp_path: Path) -> None:
+    from xmodal.teachers.cached import CacheMismatchError
+
+    modality, teacher = ImageModality(size=16), LogitTeacher()
+    first = cache_teacher(teacher, [modality], str(shapes_dir / "train-*.tar"), tmp_path / "a", batch_size=16)
+    second = cache_teacher(teacher, [modality], str(shapes_dir / "train-*.tar"), tmp_path / "b", batch_size=16)
+    assert first["cache_id"] != second["cache_id"]  # the same teacher cached twice: two caches all the same
+    batch = first_batch(str(tmp_path / "a" / "train-*.tar"), modality)
+    assert batch["teacher/cache_id"] == [first["cache_id"]] * 8
+    assert "image.logits" in CachedTeacher(str(tmp_path / "a"), teacher)(batch)
+    with pytest.raises(CacheMismatchError, match=rf"cache {first['cache_id']}.*b/manifest.json describes"):
+        CachedTeacher(str(tmp_path / "b"), teacher)(batch)

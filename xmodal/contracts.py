@@ -36,6 +36,7 @@ Outputs = dict[str, Tensor]
 Keys = str | Sequence[str]
 
 CACHE_PREFIX = "teacher/"
+CACHE_ID = CACHE_PREFIX + "cache_id"  # batch key: per sample, the id of the cache that wrote its teacher outputs
 
 
 class ConfigKeyError(ValueError):

@@ -28,6 +28,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from xmodal.contracts import Modality, Teacher
-from xmodal.data.decoders import CACHE_FIELD_PREFIX, collate_items, decode_sample
+from xmodal.data.decoders import CACHE_FIELD_PREFIX, CACHE_ID_FIELD, collate_items, decode_sample
 from xmodal.data.shards import existing_shards, shard_pattern, write_shards
 from xmodal.data.wds import REMOTE, expand_shards, move_batch, prepare_on_device
 from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
@@ -135,6 +136,7 @@ def _with_outputs(
         for i, sample in enumerate(raw):
             for key, array in _sample_arrays(arrays, lengths, i).items():
                 sample[f"{CACHE_FIELD_PREFIX}{key}.npy"] = array
+            sample[CACHE_ID_FIELD] = stats["cache_id"]
             stats["count"] += 1
             yield sample
         progress.update(len(raw))
@@ -164,12 +166,13 @@ def cache_teacher(
         if path.resolve() in inputs:
             raise OutputOverlapsInput(f"refusing to cache into {out}: {path} is a source shard and would be "
                                       "overwritten or deleted; choose another --out or --prefix")
-    stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}}
+    stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}, "cache_id": uuid.uuid4().hex}
     started = time.perf_counter()
     paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats, top_k), out, prefix,
                          max_count=shard_size)
     manifest = {
         "teacher_manifest": teacher.manifest(),
+        "cache_id": stats["cache_id"],
         "source": shards,
         "shards": shard_pattern(paths),
         "dtype": "float16",

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmodal.contracts import CACHE_PREFIX, Batch, Modality
+from xmodal.contracts import CACHE_ID, CACHE_PREFIX, Batch, Modality
 
 CACHE_FIELD_PREFIX = "teacher."
+CACHE_ID_FIELD = "teacher.cache_id.txt"  # each cached sample names the cache (manifest) that wrote it
 
 
 def decode_npy(data: bytes) -> torch.Tensor:
@@ -41,6 +42,9 @@ def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> 
         meta = decode_json(sample["json"])
         if isinstance(meta, dict) and "label" in meta:
             item["label"] = int(meta["label"])
+    if CACHE_ID_FIELD in sample:
+        data = sample[CACHE_ID_FIELD]
+        item[CACHE_ID] = data.decode() if isinstance(data, bytes) else str(data)
     for field, data in sample.items():
         if field.startswith(CACHE_FIELD_PREFIX) and field.endswith(".npy"):
             key = field[len(CACHE_FIELD_PREFIX):-len(".npy")]
@@ -56,8 +60,10 @@ def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modal
     batch["__key__"] = [item["__key__"] for item in items]
     if all("label" in item for item in items):
         batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    if all(CACHE_ID in item for item in items):
+        batch[CACHE_ID] = [item[CACHE_ID] for item in items]
     for key in items[0]:
-        if key.startswith(CACHE_PREFIX):
+        if key.startswith(CACHE_PREFIX) and key != CACHE_ID:
             batch[key] = pad_stack([item[key] for item in items], key, ragged=has_mask(key, items[0]))
     return batch
 

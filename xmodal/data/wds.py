@@ -15,14 +15,18 @@ import hashlib
 import logging
 import os
 import re
+import tarfile
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 import braceexpand
 import lightning as L
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys
 
 from xmodal.contracts import Batch, Modality
 from xmodal.data.decoders import collate_items, decode_sample
@@ -39,6 +43,8 @@ from xmodal.data.resume import (
 
 log = logging.getLogger(__name__)
 SKIPPED = "__skipped__"
+FAILED = "__failed_shards__"
+META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never sample fields
 REMOTE = re.compile(r"^(pipe:|https?://|s3://|gs://)")
 
 Shards = str | Sequence[str]
@@ -63,7 +69,8 @@ def expand_shards(shards: Shards) -> list[str]:
 class SampleBatcher:
     """Pipeline stage run in each worker: decode samples, skip and count failures, emit collated batches.
 
-    Every batch carries ``__skipped__``: how many samples this worker skipped since its previous batch.
+    Every batch carries ``__skipped__``: how many samples this worker skipped since its previous batch, and
+    ``__failed_shards__``: the :class:`FailedShard` records this worker met since its previous batch.
     """
 
     def __init__(self, modalities: Sequence[Modality], batch_size: int, drop_last: bool) -> None:
@@ -74,8 +81,12 @@ class SampleBatcher:
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[Batch]:
         items: list[dict[str, Any]] = []
         skipped = 0
+        failed: list[FailedShard] = []
         pending: Batch | None = None  # held back one step so skips at the end still reach a batch
         for sample in samples:
+            if FAILED in sample:
+                failed.append(sample[FAILED])
+                continue
             try:
                 items.append(decode_sample(sample, self.modalities))
             except Exception as error:  # any decoder failure means a corrupt sample, never a crash
@@ -84,25 +95,94 @@ class SampleBatcher:
             if len(items) == self.batch_size:
                 if pending is not None:
                     yield pending
-                pending = self._emit(items, skipped)
-                items, skipped = [], 0
+                pending = self._emit(items, skipped, failed)
+                items, skipped, failed = [], 0, []
         if items and not self.drop_last:
             if pending is not None:
                 yield pending
-            pending, skipped = self._emit(items, skipped), 0
+            pending, skipped, failed = self._emit(items, skipped, failed), 0, []
         if pending is not None:
             pending[SKIPPED] += skipped
+            pending[FAILED] += failed
             yield pending
+        elif skipped or failed:  # no batch left to carry them: at least say so in this worker
+            log.error("this loader worker delivered no batch; %d samples skipped, failed shards: %s", skipped,
+                      "; ".join(map(str, failed)) or "none")
 
-    def _emit(self, items: list[dict[str, Any]], skipped: int) -> Batch:
+    def _emit(self, items: list[dict[str, Any]], skipped: int, failed: list[FailedShard]) -> Batch:
         batch = collate_items(items, self.modalities)
         batch[SKIPPED] = skipped
+        batch[FAILED] = list(failed)
         return batch
 
 
 def count_tar_errors(exn: Exception) -> bool:
     log.warning("skipping unreadable shard member: %s", exn)
     return True
+
+
+class FailedShard(NamedTuple):
+    """A shard whose reading stopped early: the rest of it (from ``offset``) was lost."""
+
+    url: str
+    offset: int  # byte offset of the tar header (or member) where reading failed
+    samples: int  # samples read from the shard before the failure (the last may be partial, then skipped)
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.url} at byte {self.offset} after {self.samples} samples ({self.error})"
+
+
+class CountingReader:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+
+def tar_members(url: str, failure: list[FailedShard]) -> Iterator[dict[str, Any]]:
+    """The regular files of one tar shard as ``{"fname", "data", "__url__"}``; a read failure ends the shard and is
+    appended to ``failure`` instead of being raised.
+
+    Truncation inside a header is no error to ``tarfile`` (it ends the archive quietly), so the end-of-archive
+    block must be present too.
+    """
+    offset, keys = 0, set()
+    try:
+        with gopen(url) as raw:
+            stream = CountingReader(raw)
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    offset = info.offset
+                    if info.isreg() and not META.match(info.name):
+                        data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                        keys.add(info.name.split(".", 1)[0])
+                        yield {"fname": info.name, "data": data, "__url__": url}
+                    tar.members = []  # stream mode: keep no member list
+                    offset = tar.offset
+                size = stream.count + len(stream.read())
+                if tar.offset + tarfile.BLOCKSIZE > size:
+                    raise tarfile.ReadError(f"truncated: no end-of-archive block ({size} bytes)")
+    except Exception as error:
+        failed = FailedShard(url, offset, len(keys), f"{type(error).__name__}: {error}")
+        log.warning("shard read failed, rest of the shard lost: %s", failed)
+        failure.append(failed)
+
+
+def read_shards(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: shard URLs -> samples; a shard that fails mid-way yields ``{FAILED: FailedShard}`` after the
+    samples read before the failure, and reading goes on with the next shard."""
+    for source in sources:
+        failure: list[FailedShard] = []
+        yield from group_by_keys(tar_members(source["url"], failure), handler=count_tar_errors)
+        for failed in failure:
+            yield {FAILED: failed}
 
 
 def make_pipeline(
@@ -117,7 +197,7 @@ def make_pipeline(
     stages: list[Any] = [wds.SimpleShardList(expand_shards(shards))]
     if train:
         stages.append(wds.detshuffle(bufsize=100, initial=10, seed=seed))
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=count_tar_errors)]
+    stages += [wds.split_by_node, wds.split_by_worker, read_shards]
     if train and shuffle_buffer > 1:
         # seeded: webdataset's default seeds from pid and clock, which makes runs with the same seed differ
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
@@ -175,7 +255,8 @@ class WdsDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.pin_memory = pin_memory
         self.seed = seed
-        self.skipped_samples = 0
+        self.skipped_samples = 0  # since the last epoch's log (the Distiller resets it)
+        self.tally = LossTally()  # the whole run's, printed at the end of fit
         self.train_loader: ResumableLoader | None = None
         self._resume_positions: list[dict[str, Any]] | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -260,13 +341,20 @@ class WdsDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         skipped = int(batch.pop(SKIPPED, 0))
+        failed: list[FailedShard] = batch.pop(FAILED, [])
         worker = batch.pop(WORKER, None)
         training = self.trainer is None or self.trainer.training
         if training:  # evaluation skips are warned about, not counted here
             self.skipped_samples += skipped
+            self.tally.add(skipped, failed)
         if training and worker is not None and self.train_loader is not None:
-            self.train_loader.mark_consumed(int(worker), len(batch.get("__key__", ())) + skipped)
+            # each failed-shard record went through SkipConsumed as one stream element
+            self.train_loader.mark_consumed(int(worker), len(batch.get("__key__", ())) + skipped + len(failed))
         return batch
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            print_rank_zero(f"training data: {self.tally.summary()}")
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         train = self.trainer is not None and self.trainer.training
@@ -274,6 +362,35 @@ class WdsDataModule(L.LightningDataModule):
             set_rng_state(self._resume_rng)
             self._resume_rng = None
         return prepare_on_device(batch, self.modalities, train)
+
+
+@rank_zero_only
+def print_rank_zero(text: str) -> None:
+    print(text, flush=True)  # printed, not logged: the totals must show with `logger: false` too
+
+
+class LossTally:
+    """Samples skipped as corrupt and shards that failed mid-way, summed over batches."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.failed: list[FailedShard] = []
+
+    def add(self, skipped: int, failed: Sequence[FailedShard]) -> None:
+        self.skipped += skipped
+        self.failed.extend(FailedShard(*f) for f in failed)  # tuples after the worker -> main process trip
+
+    def take(self, batch: Batch) -> Batch:
+        """Count and remove a batch's ``__skipped__`` and ``__failed_shards__``."""
+        self.add(int(batch.pop(SKIPPED, 0)), batch.pop(FAILED, []))
+        return batch
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"samples": self.skipped, "failed_shards": [f._asdict() for f in self.failed]}
+
+    def summary(self) -> str:
+        text = f"{self.skipped} samples skipped as corrupt, {len(self.failed)} shards failed mid-way"
+        return text + "".join(f"\n  failed shard: {f}" for f in self.failed)
 
 
 def move_batch(batch: Batch, device: torch.device | str) -> Batch:

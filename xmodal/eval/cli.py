@@ -13,24 +13,26 @@ Usage::
                           [--render N --render-dir DIR]   (3D detection mAP/NDS; see xmodal.eval.bev)
 
 Results are printed as a table and as JSON (``--out`` also writes the JSON), in clip_benchmark's shape:
-``{"task", "model", "dataset", "image_size", "metrics": {...}}``.
+``{"task", "model", "dataset", "image_size", "metrics": {...}, "skipped": {"samples", "failed_shards"}}``; shards
+that yield no sample at all stop the run with a one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
 
+from xmodal.data.wds import LossTally
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder
 
 PROG = "xmodal eval"
-Run = tuple[dict[str, Any], str]  # metrics, dataset description
+Run = tuple[dict[str, Any], str, LossTally]  # metrics, dataset description, what the shards lost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,12 +118,13 @@ def eval_main(argv: Sequence[str]) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = run_zeroshot if args.task == "zeroshot" else run_retrieval
     try:
-        metrics, dataset = run(model, args, image_size, device)
+        metrics, dataset, tally = run(model, args, image_size, device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{PROG} {args.task}: {error}") from error
     results = {"task": args.task, "model": args.model, "dataset": dataset, "image_size": image_size,
-               "metrics": metrics}
+               "metrics": metrics, "skipped": tally.as_dict()}
     print(format_table(results))
+    print(f"data: {tally.summary()}")
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +174,38 @@ def read_classes(path: str) -> tuple[list[str] | None, list[str] | None]:
     return [str(c) for c in data["classes"]], [str(t) for t in templates] if templates else None
 
 
-def shard_loader(pattern: str, image_size: int, batch_size: int, num_workers: int) -> DataLoader:
-    """An in-order loader of uint8 images, captions and labels from shards (corrupt samples skipped)."""
+class CountedBatches:
+    """The batches of a shard loader with their skip counts taken off into ``tally``.
+
+    Raises ``ValueError`` naming the pattern when the shards yield no sample, before any metric is computed on
+    nothing.
+    """
+
+    def __init__(self, loader: DataLoader, pattern: str) -> None:
+        self.loader = loader
+        self.pattern = pattern
+        self.tally = LossTally()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        samples = 0
+        for batch in self.loader:
+            batch = self.tally.take(batch)
+            samples += len(batch["__key__"])
+            yield batch
+        if samples == 0:
+            raise ValueError(f"shards {self.pattern!r} yielded no sample ({self.tally.skipped} skipped as corrupt, "
+                             f"{len(self.tally.failed)} shards unreadable; see the warnings above)")
+
+
+def shard_loader(pattern: str, image_size: int, batch_size: int, num_workers: int) -> CountedBatches:
+    """An in-order loader of uint8 images, captions and labels from shards (corrupt samples skipped and counted)."""
     from xmodal.data.wds import make_pipeline
     from xmodal.modalities.image import ImageModality
     from xmodal.modalities.text import TextModality
 
     pipeline = make_pipeline(pattern, [ImageModality(image_size), TextModality()], batch_size, train=False)
-    return DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return CountedBatches(loader, pattern)
 
 
 def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
@@ -190,11 +217,11 @@ def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, 
     if args.folder:
         metrics = evaluate_zeroshot_folder(model, args.folder, templates, image_size, args.batch_size, device,
                                            classnames, args.num_workers)
-        return metrics, args.folder
+        return metrics, args.folder, LossTally()
     assert classnames is not None  # check_args
     loader = shard_loader(args.shards, image_size, args.batch_size, args.num_workers)
     metrics = evaluate_zeroshot(model, loader, classnames, templates, device)
-    return {**metrics, "classes": len(classnames)}, args.shards
+    return {**metrics, "classes": len(classnames)}, args.shards, loader.tally
 
 
 def run_retrieval(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
@@ -202,11 +229,11 @@ def run_retrieval(model: DualEncoder, args: argparse.Namespace, image_size: int,
 
     if args.shards:
         loader = shard_loader(args.shards, image_size, args.batch_size, args.num_workers)
-        return evaluate_retrieval(model, loader, device), args.shards
+        return evaluate_retrieval(model, loader, device), args.shards, loader.tally
     split = resolve_split(args.captions_json, args.split)
     metrics = evaluate_retrieval_json(model, args.captions_json, args.image_root, image_size, args.batch_size,
                                       split, device, args.num_workers)
-    return metrics, args.captions_json + (f" ({split})" if split else "")
+    return metrics, args.captions_json + (f" ({split})" if split else ""), LossTally()
 
 
 def resolve_split(captions_json: str, split: str | None) -> str | None:

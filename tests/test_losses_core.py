@@ -118,3 +118,14 @@ def test_affinity_mimic_by_hand() -> None:
     same = (image_t, text_t)
     fixed = AffinityMimicLoss(temperature=0.5)((*same, torch.tensor(9.0)), (*same, torch.tensor(1.0)), {})
     assert fixed.item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)), abs=1e-6)
+
+
+def test_affinity_mimic_sends_no_gradient_into_the_teacher() -> None:
+    from xmodal.losses import AffinityMimicLoss
+
+    student = [torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    teacher = [torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    t_scale = torch.tensor(2.0, requires_grad=True)
+    AffinityMimicLoss()((*student, torch.tensor(1.0)), (*teacher, t_scale), {}).backward()
+    assert all(x.grad is None for x in (*teacher, t_scale))
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in student)

@@ -64,7 +64,7 @@ class AffinityMimicLoss(DistillLoss):
     def forward(self, s: tuple[Tensor, ...], t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         s_scale, t_scale = (s[2], t[2]) if self.temperature is None else (1 / self.temperature,) * 2
         student = clip_logits(s[0], s[1], s_scale)
-        teacher = clip_logits(t[0], t[1], t_scale)
+        teacher = clip_logits(t[0], t[1], t_scale).detach()  # only read: no gradient into the teacher
         return (soft_cross_entropy(teacher, student) + soft_cross_entropy(teacher.t(), student.t())) / 2
 
 

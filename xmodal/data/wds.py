@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, Literal, NamedTuple
 
 import braceexpand
@@ -391,6 +391,29 @@ class LossTally:
     def summary(self) -> str:
         text = f"{self.skipped} samples skipped as corrupt, {len(self.failed)} shards failed mid-way"
         return text + "".join(f"\n  failed shard: {f}" for f in self.failed)
+
+
+class CountedBatches:
+    """The batches of an evaluation loader with their skip counts taken off into ``tally`` (the last pass's).
+
+    Raises ``ValueError`` naming the pattern when the shards yield no sample, before any metric is computed on
+    nothing.
+    """
+
+    def __init__(self, loader: Iterable[Batch], pattern: Shards) -> None:
+        self.loader = loader
+        self.pattern = pattern
+        self.tally = LossTally()
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.tally, samples = LossTally(), 0  # a fresh count per pass
+        for batch in self.loader:
+            batch = self.tally.take(batch)
+            samples += len(batch["__key__"])
+            yield batch
+        if samples == 0:
+            raise ValueError(f"shards {self.pattern!r} yielded no sample ({self.tally.skipped} skipped as corrupt, "
+                             f"{len(self.tally.failed)} shards unreadable; see the warnings above)")
 
 
 def move_batch(batch: Batch, device: torch.device | str) -> Batch:

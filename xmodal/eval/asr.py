@@ -245,9 +245,9 @@ def asr_batches(args: argparse.Namespace, modalities: Sequence[Any]) -> Iterable
     """A fresh pass over ``--shards`` or ``--list``."""
     if args.list:
         return list_batches(read_file_list(args.list, args.root), modalities, args.batch_size)
-    from xmodal.data.wds import make_pipeline
+    from xmodal.data.wds import CountedBatches, make_pipeline
 
-    return make_pipeline(args.shards, modalities, args.batch_size, train=False)
+    return CountedBatches(make_pipeline(args.shards, modalities, args.batch_size, train=False), args.shards)
 
 
 def load_asr_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None]:
@@ -274,17 +274,23 @@ def run_asr(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
         parser.error("--plot needs --config (the alignment module and the teacher live in the recipe)")
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be >= 1")
+    from xmodal.data.wds import CountedBatches
+
     model, distiller = load_asr_model(parser, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modalities = asr_modalities(args, with_audio=False)
     try:
-        metrics = evaluate_asr(model, asr_batches(args, modalities), modalities, device, args.beam_size)
+        batches = asr_batches(args, modalities)
+        metrics = evaluate_asr(model, batches, modalities, device, args.beam_size)
         if args.plot:
             metrics["alignment_png"] = str(write_alignment_plot(distiller, args, device))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"xmodal eval asr: {error}") from error
     results = {"task": "asr", "model": args.model or args.config, "dataset": args.shards or args.list,
                "beam_size": args.beam_size, "metrics": metrics}
+    if isinstance(batches, CountedBatches):
+        results["skipped"] = batches.tally.as_dict()
+        print(f"data: {batches.tally.summary()}")
     print(format_asr_table(results))
     print(json.dumps(results, indent=2))
     if args.out:

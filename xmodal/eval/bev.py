@@ -55,7 +55,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from tqdm.auto import tqdm
 
 from xmodal.contracts import Batch, Modality
 from xmodal.eval.zeroshot import evaluating
+
+if TYPE_CHECKING:
+    from xmodal.data.wds import CountedBatches
 
 DIST_THRESHOLDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 TP_THRESHOLD = 2.0
@@ -707,14 +710,14 @@ def detector_traits(model: Any) -> tuple[list[str] | None, list[float] | None, l
     return (list(classes) if classes is not None else None), extent, sensors
 
 
-def bev_loader(pattern: str, modality: Modality, batch_size: int, num_workers: int) -> Iterable[Batch]:
-    """An in-order loader of BEV batches from shards (corrupt samples skipped)."""
+def bev_loader(pattern: str, modality: Modality, batch_size: int, num_workers: int) -> CountedBatches:
+    """An in-order loader of BEV batches from shards (corrupt samples skipped and counted)."""
     from torch.utils.data import DataLoader
 
-    from xmodal.data.wds import make_pipeline
+    from xmodal.data.wds import CountedBatches, make_pipeline
 
     pipeline = make_pipeline(pattern, [modality], batch_size, train=False)
-    return DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return CountedBatches(DataLoader(pipeline, batch_size=None, num_workers=num_workers), pattern)
 
 
 def check_bev_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -771,8 +774,9 @@ def run_bev(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"xmodal eval bev: {error}") from error
     out = {"task": "bev", "model": args.results or args.model or args.config, "dataset": args.shards,
-           "classes": classes, "metrics": metrics}
+           "classes": classes, "metrics": metrics, "skipped": loader.tally.as_dict()}
     print(format_bev_table(out))
+    print(f"data: {loader.tally.summary()}")
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
 
-from xmodal.data.wds import LossTally
+from xmodal.data.wds import CountedBatches, LossTally
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder
 
 PROG = "xmodal eval"
@@ -172,29 +172,6 @@ def read_classes(path: str) -> tuple[list[str] | None, list[str] | None]:
         raise ValueError(f"{path}: expected {{'classes': [...], 'templates': [...]}} or a list of class names")
     templates = data.get("templates")
     return [str(c) for c in data["classes"]], [str(t) for t in templates] if templates else None
-
-
-class CountedBatches:
-    """The batches of a shard loader with their skip counts taken off into ``tally``.
-
-    Raises ``ValueError`` naming the pattern when the shards yield no sample, before any metric is computed on
-    nothing.
-    """
-
-    def __init__(self, loader: DataLoader, pattern: str) -> None:
-        self.loader = loader
-        self.pattern = pattern
-        self.tally = LossTally()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        samples = 0
-        for batch in self.loader:
-            batch = self.tally.take(batch)
-            samples += len(batch["__key__"])
-            yield batch
-        if samples == 0:
-            raise ValueError(f"shards {self.pattern!r} yielded no sample ({self.tally.skipped} skipped as corrupt, "
-                             f"{len(self.tally.failed)} shards unreadable; see the warnings above)")
 
 
 def shard_loader(pattern: str, image_size: int, batch_size: int, num_workers: int) -> CountedBatches:

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from xmodal.contracts import Batch, Modality, to_float_image
+from xmodal.data.decoders import load_npy
 
 POINT_FIELDS = ("npy", "lidar.npy")
 BOX_DIM = 9
@@ -47,7 +48,7 @@ BOX_DIM = 9
 
 def decode_points(data: bytes, max_points: int | None = None) -> Tensor:
     """``npy`` bytes -> float32 ``N x 4``; more than ``max_points`` points are thinned with an even stride."""
-    points = np.load(io.BytesIO(data), allow_pickle=False)
+    points = load_npy(data)
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be N x (>=3), got shape {points.shape}")
     points = points[:, :4].astype(np.float32)

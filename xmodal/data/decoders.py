@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +22,40 @@ CACHE_FIELD_PREFIX = "teacher."
 CACHE_ID_FIELD = "teacher.cache_id.txt"  # each cached sample names the cache (manifest) that wrote it
 
 
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class CorruptSample(ValueError):
+    """A field's bytes cannot be decoded; the WebDataset pipeline skips and counts such samples."""
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``.npy`` bytes to an array, refusing pickles and headers that declare more data than the bytes hold.
+
+    The declared size is checked before anything is allocated, so a corrupt header claiming a giant shape costs
+    nothing. Every failure raises :class:`CorruptSample`. The array is a read-only view of ``data``.
+    """
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version not in NPY_HEADER_READERS:
+            raise ValueError(f".npy format version {version} is not supported")
+        shape, fortran, dtype = NPY_HEADER_READERS[version](buf)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        count = math.prod(shape)
+        if count * dtype.itemsize != len(data) - buf.tell():
+            raise ValueError(f"header declares {shape} {dtype} ({count * dtype.itemsize} bytes) but "
+                             f"{len(data) - buf.tell()} bytes follow it")
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    except Exception as error:
+        raise CorruptSample(f"bad .npy: {type(error).__name__}: {error}") from error
+
+
 def decode_npy(data: bytes) -> torch.Tensor:
     """``.npy`` bytes to a tensor (no pickles: object arrays are refused)."""
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())
+    return torch.from_numpy(load_npy(data).copy())
 
 
 def decode_json(data: bytes | str) -> Any:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -32,9 +34,32 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
     assert "class_path: xmodal.students." in printed
 
 
+def record_fits(monkeypatch: pytest.MonkeyPatch, *callbacks: L.Callback) -> list[L.Trainer]:
+    """The trainers whose ``fit`` runs from now on (``main`` returns none), each given ``callbacks`` first."""
+    trainers: list[L.Trainer] = []
+    fit = L.Trainer.fit
+
+    def recording_fit(self: L.Trainer, *args: Any, **kwargs: Any) -> Any:
+        trainers.append(self)
+        self.callbacks.extend(callbacks)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", recording_fit)
+    return trainers
+
+
+def assert_one_finite_step(trainers: list[L.Trainer]) -> None:
+    """A single ``fit`` ran one optimiser step (fast_dev_run) and logged a finite training loss."""
+    [trainer] = trainers
+    assert trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: p.stem)
-def test_tiny_config_fast_dev_run(config: Path, workspace: Path) -> None:
+def test_tiny_config_fast_dev_run(config: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainers = record_fits(monkeypatch)
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
+    assert_one_finite_step(trainers)
 
 
 def test_cached_teacher_gives_the_live_loss(workspace: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_clip_args, tiny_workspace
+from tests.test_configs import assert_one_finite_step, record_fits
 from xmodal.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -42,8 +43,12 @@ class OnDevice(L.Callback):
 
 
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: p.stem)
-def test_tiny_recipe_trains_on_the_gpu(config: Path, workspace: Path) -> None:
+def test_tiny_recipe_trains_on_the_gpu(config: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = OnDevice()
+    trainers = record_fits(monkeypatch, probe)
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.accelerator=gpu"])
+    assert_one_finite_step(trainers)
+    assert probe.devices == {"cuda"}
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

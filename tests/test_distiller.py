@@ -145,9 +145,9 @@ def test_cli_fit_runs_and_writes_config(shapes_dir: Path, tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "ok.yaml", shapes_dir)
     main(["fit", "--config", str(config)])
-    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text()) if list(tmp_path.rglob("config.yaml")) \
-        else None
-    assert saved is None or saved["model"]["student"]["class_path"].endswith("CLIPStudent")
+    [saved_file] = tmp_path.rglob("config.yaml")
+    saved = yaml.safe_load(saved_file.read_text())
+    assert saved["model"]["student"]["class_path"].endswith("CLIPStudent")
 
 
 def test_param_lr_gives_matching_parameters_their_own_learning_rate() -> None:

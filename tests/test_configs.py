@@ -148,3 +148,27 @@ def test_a_step_validation_interval_counts_global_steps(config: Path) -> None:
     interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool) and interval > 1:
         assert "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None
+
+
+def test_progressive_stages_file_parses_into_stage_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from xmodal.progressive import load_stages, stage_config
+
+    spec = load_stages(ROOT / "configs" / "clip_compression" / "stages" / "compress_progressive.yaml")
+    targets = [float(stage["target"]) for stage in spec["stages"]]
+    assert targets == sorted(targets, reverse=True) and all(0 < t < 1 for t in targets)
+    assert all(int(stage["max_steps"]) > int(stage.get("warmup_steps", 0)) for stage in spec["stages"])
+    for number, stage in enumerate(spec["stages"], start=1):  # as `xmodal compress` writes each stage's config
+        config_file = tmp_path / f"stage{number}.yaml"
+        config = stage_config(spec, stage, spec["teacher"], float(stage["target"]), str(tmp_path), number)
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config_file), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["student"]["class_path"] == "xmodal.students.autoinherit.MaskedCLIP"
+        assert printed["trainer"]["max_steps"] == stage["max_steps"]
+        sparsity = printed["model"]["losses"][-1]
+        assert sparsity["class_path"] == "xmodal.losses.sparsity.SparsityLagrangianLoss"
+        assert sparsity["init_args"]["target"] == float(stage["target"])

@@ -145,3 +145,20 @@ def test_a_failed_cache_leaves_no_shard_and_no_manifest(tmp_path: Path) -> None:
         cache_teacher(TinyTeacher(fail_after=3), [ImageModality(16)], str(tmp_path / "raw" / "train-*.tar"),
                       tmp_path / "cache", batch_size=2, shard_size=2)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_counts_a_shard_that_breaks_mid_way(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = write_shards(image_samples(N), tmp_path / "raw", "train", max_count=4)
+    broken = Path(paths[1])
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # copied half-way
+    config = {"teacher": {"class_path": f"{__name__}.TinyTeacher"},
+              "modalities": [{"class_path": "ImageModality", "init_args": {"size": 16}}],
+              "shards": str(tmp_path / "raw" / "train-*.tar"), "out": str(tmp_path / "cache"), "batch_size": 4}
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump(config))
+    cache_main(["--config", str(tmp_path / "cache.yaml")])
+    assert f"shard failed mid-way, the rest of it was not cached: {broken}" in capsys.readouterr().err
+    manifest = yaml.safe_load((tmp_path / "cache" / "manifest.json").read_text())
+    assert len(manifest["failed_shards"]) == 1 and str(broken) in manifest["failed_shards"][0]
+    cached = read_keys(manifest["shards"])
+    assert cached[:4] == ["s000", "s001", "s002", "s003"] and cached[-4:] == ["s008", "s009", "s010", "s011"]
+    assert manifest["count"] == len(cached) < N

@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from xmodal.contracts import Modality, Teacher
 from xmodal.data.decoders import CACHE_FIELD_PREFIX, CACHE_ID_FIELD, collate_items, decode_sample
 from xmodal.data.shards import existing_shards, shard_pattern, write_shards
-from xmodal.data.wds import REMOTE, expand_shards, move_batch, prepare_on_device
+from xmodal.data.wds import FAILED, REMOTE, expand_shards, move_batch, prepare_on_device, read_shards
 from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
 
 log = logging.getLogger(__name__)
@@ -53,10 +52,14 @@ class OutputOverlapsInput(ValueError):
     """The cache would overwrite or delete one of its own source shards."""
 
 
-def _raw_batches(shards: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    dataset = wds.WebDataset(expand_shards(shards), shardshuffle=False, empty_check=False)
+def _raw_batches(shards: str, batch_size: int, failed: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """Raw samples in chunks; a shard that breaks mid-way is recorded in ``failed`` and reading goes on."""
     chunk: list[dict[str, Any]] = []
-    for sample in dataset:
+    for sample in read_shards({"url": url} for url in expand_shards(shards)):
+        if FAILED in sample:
+            failed.append(str(sample[FAILED]))
+            log.warning("shard failed mid-way: %s", sample[FAILED])
+            continue
         chunk.append({k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"})
         if len(chunk) == batch_size:
             yield chunk
@@ -115,7 +118,7 @@ def _with_outputs(
     stats: dict[str, Any], top_k: dict[str, int],
 ) -> Iterator[dict[str, Any]]:
     progress = tqdm(desc="caching teacher outputs", unit="sample")
-    for chunk in _raw_batches(shards, batch_size):
+    for chunk in _raw_batches(shards, batch_size, stats["failed_shards"]):
         raw: list[dict[str, Any]] = []
         items: list[dict[str, Any]] = []
         for sample in chunk:
@@ -166,7 +169,8 @@ def cache_teacher(
         if path.resolve() in inputs:
             raise OutputOverlapsInput(f"refusing to cache into {out}: {path} is a source shard and would be "
                                       "overwritten or deleted; choose another --out or --prefix")
-    stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}, "cache_id": uuid.uuid4().hex}
+    stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}, "cache_id": uuid.uuid4().hex,
+                             "failed_shards": []}
     started = time.perf_counter()
     paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats, top_k), out, prefix,
                          max_count=shard_size)
@@ -179,6 +183,7 @@ def cache_teacher(
         "count": stats["count"],
         "skipped": len(stats["skipped"]),
         "skipped_keys": stats["skipped"],
+        "failed_shards": stats["failed_shards"],
         "constants": stats["constants"],
         "top_k": stats["top_k"],
         "seconds": round(time.perf_counter() - started, 3),
@@ -199,7 +204,9 @@ def cache_main(argv: Sequence[str]) -> None:
         manifest = CLI(cache_teacher, args=list(argv), as_positional=False)
     except OutputOverlapsInput as error:
         raise SystemExit(f"xmodal cache: {error}") from error
-    print(json.dumps({k: manifest[k] for k in ("shards", "count", "skipped", "seconds")}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("shards", "count", "skipped", "failed_shards", "seconds")}, indent=2))
+    for failed in manifest["failed_shards"]:
+        print(f"xmodal cache: shard failed mid-way, the rest of it was not cached: {failed}", file=sys.stderr)
     if manifest["skipped"]:
         print(f"xmodal cache: skipped {manifest['skipped']} corrupt sample(s): {', '.join(manifest['skipped_keys'])}",
               file=sys.stderr)

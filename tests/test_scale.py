@@ -168,6 +168,7 @@ def test_ddp_two_cpu_processes(shapes_dir: Path, key_shards: str, tmp_path: Path
     positions = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["KeyedData"]
     for position in positions["train_positions"]:
         assert position.pop("rng")["torch"].dtype == torch.uint8
+        assert position.pop("data_seed") == 0 and len(position.pop("shards_sha256")) == 64  # what the data was
     assert positions["train_positions"] == [{"epoch": 0, "batches": 2, "consumed": {0: 3, 1: 3}, "workers": 2}] * 2
 
 

@@ -268,7 +268,9 @@ def test_eval_cli_teacher_and_zero_shot_student(ws: Workspace, tmp_path: Path) -
     save_pretrained(clip, clip.init_args, tmp_path / "plain")
     main(["eval", "base2novel", "--model", str(tmp_path / "plain"), *common, "--out", str(zs_out)])
     for path in (stage1_out, zs_out):
-        assert set(json.loads(path.read_text())["metrics"]) == {"base", "novel", "hm", "n_base", "n_novel"}
+        results = json.loads(path.read_text())
+        assert set(results["metrics"]) == {"base", "novel", "hm", "n_base", "n_novel"}
+        assert results["skipped"] == {"samples": 0, "failed_shards": []}
 
 
 def test_class_vectors_verb(ws: Workspace, tmp_path: Path) -> None:

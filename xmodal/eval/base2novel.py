@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xmodal.data.wds import CountedBatches, LossTally
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, Template, class_embeddings, evaluating, topk_hits
 
 
@@ -276,9 +277,11 @@ def base2novel_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         metrics = evaluate_base2novel(model, loader, split, classifier, args.templates or SIMPLE_TEMPLATES, device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{PROG} base2novel: {error}") from error
+    tally = loader.tally if isinstance(loader, CountedBatches) else LossTally()
     results = {"task": "base2novel", "model": args.model, "dataset": args.folder or args.shards,
-               "image_size": image_size, "metrics": metrics}
+               "image_size": image_size, "metrics": metrics, "skipped": tally.as_dict()}
     print(format_table(results))
+    print(f"data: {tally.summary()}")
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

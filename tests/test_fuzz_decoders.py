@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 from PIL import Image
 
 from xmodal.contracts import Modality

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmodal.contracts import CACHE_ID, CACHE_PREFIX, Batch, Outputs, Teacher
+from xmodal.contracts import CACHE_ID, CACHE_PREFIX, TOPI, TOPV, Batch, Outputs, Teacher
 
 MANIFEST = "manifest.json"
-TOPV, TOPI = ".topv", ".topi"  # top-k log-probabilities and their indices, for logits cached with ``top_k``
 
 
 def dense_from_top_k(values: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:

@@ -37,6 +37,8 @@ Keys = str | Sequence[str]
 
 CACHE_PREFIX = "teacher/"
 CACHE_ID = CACHE_PREFIX + "cache_id"  # batch key: per sample, the id of the cache that wrote its teacher outputs
+MASK_SUFFIX = "_mask"  # cached ``<key>_mask`` (bool ``T``) marks the valid positions of sequence output ``<key>``
+TOPV, TOPI = ".topv", ".topi"  # top-k log-probabilities and their indices, for logits cached with ``top_k``
 
 
 class ConfigKeyError(ValueError):

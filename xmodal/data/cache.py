@@ -37,15 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from xmodal.contracts import Modality, Teacher
-from xmodal.data.decoders import CACHE_FIELD_PREFIX, CACHE_ID_FIELD, collate_items, decode_sample
+from xmodal.contracts import MASK_SUFFIX, TOPI, TOPV, Modality, Teacher
+from xmodal.data.decoders import CACHE_FIELD_PREFIX, CACHE_ID_FIELD, collate_items, decode_or_skip
 from xmodal.data.shards import existing_shards, shard_pattern, write_shards
 from xmodal.data.wds import FAILED, REMOTE, expand_shards, move_batch, prepare_on_device, read_shards
-from xmodal.teachers.cached import MANIFEST, TOPI, TOPV
+from xmodal.teachers.cached import MANIFEST
 
 log = logging.getLogger(__name__)
 CACHE_DTYPE = np.float16
-MASK_SUFFIX = "_mask"  # ``<key>_mask`` (bool ``B x T``) marks the valid positions of output ``<key>``
 
 
 class OutputOverlapsInput(ValueError):
@@ -122,12 +121,12 @@ def _with_outputs(
         raw: list[dict[str, Any]] = []
         items: list[dict[str, Any]] = []
         for sample in chunk:
-            try:
-                items.append(decode_sample(sample, modalities))
-                raw.append(sample)
-            except Exception as error:  # any decoder failure means a corrupt sample, as in training
+            item = decode_or_skip(sample, modalities)
+            if item is None:
                 stats["skipped"].append(sample.get("__key__"))
-                log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
+            else:
+                items.append(item)
+                raw.append(sample)
         progress.update(len(chunk) - len(raw))
         if not items:
             continue

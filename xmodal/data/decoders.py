@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmodal.contracts import CACHE_ID, CACHE_PREFIX, Batch, Modality
+from xmodal.contracts import CACHE_ID, CACHE_PREFIX, MASK_SUFFIX, TOPI, TOPV, Batch, Modality
 
+log = logging.getLogger(__name__)
 CACHE_FIELD_PREFIX = "teacher."
 CACHE_ID_FIELD = "teacher.cache_id.txt"  # each cached sample names the cache (manifest) that wrote it
 
@@ -84,6 +86,16 @@ def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> 
     return item
 
 
+def decode_or_skip(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> dict[str, Any] | None:
+    """:func:`decode_sample`, or ``None`` (with a warning naming the key) when any decoder fails: a corrupt sample
+    is skipped, never a crash; the caller counts it."""
+    try:
+        return decode_sample(sample, modalities)
+    except Exception as error:
+        log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
+        return None
+
+
 def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modality]) -> Batch:
     """Decoded items -> a flat batch: modality fields by their plug-in, then labels, keys and cached outputs."""
     batch: Batch = {}
@@ -102,8 +114,8 @@ def collate_items(items: Sequence[Mapping[str, Any]], modalities: Sequence[Modal
 
 def has_mask(key: str, item: Mapping[str, Any]) -> bool:
     """Whether cached output ``key`` is a sequence with a ``<base>_mask`` (as ``xmodal cache`` stores trimmed ones)."""
-    base = key.removesuffix("_mask").removesuffix(".topv").removesuffix(".topi")
-    return f"{base}_mask" in item
+    base = key.removesuffix(MASK_SUFFIX).removesuffix(TOPV).removesuffix(TOPI)
+    return base + MASK_SUFFIX in item
 
 
 def pad_stack(tensors: Sequence[torch.Tensor], name: str = "tensor", ragged: bool = True) -> torch.Tensor:

@@ -29,7 +29,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
 from xmodal.contracts import Batch, Modality
-from xmodal.data.decoders import collate_items, decode_sample
+from xmodal.data.decoders import collate_items, decode_or_skip
 from xmodal.data.resume import (
     WORKER,
     ResumableLoader,
@@ -87,11 +87,11 @@ class SampleBatcher:
             if FAILED in sample:
                 failed.append(sample[FAILED])
                 continue
-            try:
-                items.append(decode_sample(sample, self.modalities))
-            except Exception as error:  # any decoder failure means a corrupt sample, never a crash
+            item = decode_or_skip(sample, self.modalities)
+            if item is None:
                 skipped += 1
-                log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
+            else:
+                items.append(item)
             if len(items) == self.batch_size:
                 if pending is not None:
                     yield pending

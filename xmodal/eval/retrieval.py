@@ -73,14 +73,19 @@ def retrieval_metrics(
     Returns:
         ``{"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", ...}`` as fractions in [0, 1].
     """
-    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     text_to_image = text_to_image.to(text_emb.device).long()
     if text_to_image.shape != (text_emb.shape[0],):
         raise ValueError(f"text_to_image has shape {tuple(text_to_image.shape)}, expected ({text_emb.shape[0]},)")
+    return retrieval_by_mask(image_emb, text_emb, F.one_hot(text_to_image, image_emb.shape[0]).bool(), ks)
+
+
+def retrieval_by_mask(
+    image_emb: Tensor, text_emb: Tensor, mask: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` with the correct caption-image pairs given as a bool ``Nt x Ni`` matrix."""
+    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     sim = text_emb @ image_emb.T  # Nt x Ni
-    mask = F.one_hot(text_to_image, image_emb.shape[0]).bool()
-    t2i = recall_at_k(sim, mask, ks)
-    i2t = recall_at_k(sim.T, mask.T, ks)
+    t2i, i2t = recall_at_k(sim, mask, ks), recall_at_k(sim.T, mask.T, ks)
     return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
 
 
@@ -127,11 +132,7 @@ def same_text_retrieval(
     """Recall@k for ``N`` paired images/captions: caption ``t`` is correct for image ``i`` iff their strings match."""
     ids = {text: i for i, text in enumerate(dict.fromkeys(captions))}
     caption_ids = torch.tensor([ids[c] for c in captions], device=text_emb.device)
-    mask = caption_ids[:, None] == caption_ids[None, :]  # Nt x Ni
-    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-    sim = text_emb @ image_emb.T
-    t2i, i2t = recall_at_k(sim, mask, ks), recall_at_k(sim.T, mask.T, ks)
-    return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
+    return retrieval_by_mask(image_emb, text_emb, caption_ids[:, None] == caption_ids[None, :], ks)
 
 
 def load_captions(captions_json: str | Path, split: str | None = None) -> list[tuple[str, list[str]]]:

@@ -95,6 +95,22 @@ class Student(Protocol):
     def __call__(self, batch: Batch) -> Outputs: ...
 
 
+@runtime_checkable
+class TaskMetric(Protocol):
+    """A recipe's task metric during validation: feeds a torchmetrics ``Metric`` from the student and the batch.
+
+    ``update`` runs on every validation batch with the student (in eval mode) and its outputs; ``compute`` gives
+    the epoch's values by name (logged as ``val/<name>``, already reduced over DDP ranks); ``reset`` starts the
+    next epoch. Implementations are ``nn.Module``s, so their metric states follow the model's device.
+    """
+
+    def update(self, student: nn.Module, outputs: Outputs, batch: Batch) -> None: ...
+
+    def compute(self) -> dict[str, Tensor]: ...
+
+    def reset(self) -> None: ...
+
+
 class DistillLoss(nn.Module):
     """Base of every loss: picks its inputs by key, and carries its weight and name.
 

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, ConfigKeyError, DistillLoss, Outputs, Teacher, key_list
+from xmodal.contracts import Batch, ConfigKeyError, DistillLoss, Outputs, TaskMetric, Teacher, key_list
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -78,6 +78,9 @@ class Distiller(L.LightningModule):
         teacher_dtype: cast a live teacher's weights to this dtype (``"bfloat16"`` halves its memory) and run it
             under autocast in that dtype; its floating outputs come back as float32. ``None`` keeps its dtype. The
             student's precision is the trainer's (``trainer.precision: bf16-mixed`` works on CPU too).
+        val_metrics: the recipe's task metrics (:class:`~xmodal.contracts.TaskMetric` modules, see
+            :mod:`xmodal.eval.tasks`), updated on every validation (and test) batch and logged per epoch as
+            ``val/<name>`` (``test/<name>``), e.g. ``val/zeroshot_top1``, ``val/cer``, ``val/mAP``, ``val/hm``.
     """
 
     teacher: Teacher | None
@@ -94,12 +97,15 @@ class Distiller(L.LightningModule):
         param_lr: dict[str, float] | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         log_every_step: bool = False,
+        val_metrics: Sequence[TaskMetric] | None = None,
     ) -> None:
         super().__init__()
         if teacher is not None and not isinstance(teacher, Teacher):
             raise TypeError(f"{type(teacher).__name__} is not a Teacher: it needs output_keys and manifest()")
         self.student = student
         self.losses = nn.ModuleList(losses)
+        self.val_metrics = nn.ModuleList(task_modules(val_metrics or []))
+        self._metric_batches = 0
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose, see the module docstring
         self.optimizer_factory = optimizer
         self.scheduler = scheduler
@@ -131,8 +137,16 @@ class Distiller(L.LightningModule):
         # teacher's activations are still never kept).
         return {k: _out_of_inference(v, low_precision) for k, v in outputs.items()}
 
+    @property
+    def tasks(self) -> list[TaskMetric]:
+        """The validation task metrics, typed."""
+        return cast(list[TaskMetric], list(self.val_metrics))
+
     def compute_losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        student_out = self.student(batch)
+        return self.losses_of(self.student(batch), batch)
+
+    def losses_of(self, student_out: Outputs, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total and every term, given the student's outputs on ``batch``."""
         teacher_out = self.teacher_outputs(batch)
         terms: dict[str, Tensor] = {}
         for loss in self.terms:
@@ -173,12 +187,42 @@ class Distiller(L.LightningModule):
         return self.student(batch)
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
-        total, terms = self.compute_losses(batch)
+        student_out = self.student(batch)
+        total, terms = self.losses_of(student_out, batch)
+        for task in self.tasks:
+            task.update(self.student, student_out, batch)
+        self._metric_batches += 1
         batch_size = batch_size_of(batch)
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._log_loss_metrics(stage, batch_size)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_tasks()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_tasks()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_tasks("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_tasks("test")
+
+    def _reset_tasks(self) -> None:
+        self._metric_batches = 0
+        for task in self.tasks:
+            task.reset()
+
+    def _log_tasks(self, stage: str) -> None:
+        """Log each task metric's epoch values (``compute`` has already reduced them over DDP ranks)."""
+        if self._metric_batches == 0:
+            return
+        for task in self.tasks:
+            for name, value in task.compute().items():
+                self.log(f"{stage}/{name}", value.float(), prog_bar=False)
+        self._reset_tasks()
 
     def _log_loss_metrics(self, stage: str, batch_size: int) -> None:
         """Log the extra values a loss left in its ``last_metrics`` dict (e.g. LIBS's kept fraction)."""
@@ -316,6 +360,15 @@ def validate_keys(student: nn.Module, teacher: nn.Module | None, losses: Iterabl
                     f"loss {loss.name!r}: teacher_key {key!r} is not produced by the teacher "
                     f"({type(teacher).__name__} produces {sorted(teacher_keys)})"
                 )
+
+
+def task_modules(tasks: Sequence[TaskMetric]) -> list[nn.Module]:
+    """The task metrics as modules (so their metric states follow the model's device), each checked."""
+    for task in tasks:
+        if not isinstance(task, nn.Module) or not isinstance(task, TaskMetric):
+            raise TypeError(f"val_metrics: {type(task).__name__} is not a TaskMetric nn.Module (update(student, "
+                            "outputs, batch), compute(), reset())")
+    return [cast(nn.Module, task) for task in tasks]
 
 
 def batch_size_of(batch: Batch) -> int:

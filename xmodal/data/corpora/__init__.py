@@ -3,7 +3,9 @@
 Each corpus module has ``make(out_dir, *, seed, image_size, n_train, n_val, n_test, shard_size, ...) -> dict``
 that writes ``{train,val,test}-NNNNNN.tar`` (fields ``png``, ``txt``, ``json``), ``classes.json`` (zero-shot
 class names and prompt templates), ``tokenizer/`` (a word-level tokenizer covering every caption and prompt)
-and ``meta.json``, and returns the metadata.
+and ``meta.json``, and returns the metadata. The modules declare their splits, per-sample function, metadata and
+side files; :mod:`xmodal.data.corpora.writer` writes the shards (through a worker pool that keeps sample order),
+the side files and ``meta.json``.
 
 * ``shapes``: procedural coloured shapes with compositional captions; test holds unseen attribute combinations.
 * ``digits``: scikit-learn's handwritten digits, upscaled and colourised, with captions.

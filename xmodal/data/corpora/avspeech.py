@@ -35,10 +35,8 @@ the espeak-ng, FFmpeg and libsndfile builds), whatever the number of workers.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.corpora import espeak, mouth
-from xmodal.data.shards import shard_pattern, write_shards
+from xmodal.data.corpora.writer import Corpus, Timing, write_corpus
 
 COMMANDS = ("bin", "lay", "place", "set")
 COLOURS = ("blue", "green", "red", "white")
@@ -293,13 +291,6 @@ def sample(job: Job) -> dict[str, Any]:
     }
 
 
-def _generate(jobs: list[Job], pool: Any) -> Iterator[dict[str, Any]]:
-    if pool is None:
-        yield from map(sample, jobs)
-    else:
-        yield from pool.imap(sample, jobs, chunksize=4)
-
-
 def make(
     out_dir: str | Path,
     *,
@@ -335,42 +326,30 @@ def make(
         raise OSError("avspeech-grid needs libespeak-ng (Debian/Ubuntu: apt-get install espeak-ng)")
     counts, per_speaker = SIZES[size]
     per_speaker = utterances_per_speaker or per_speaker
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     speakers = make_speakers(seed, counts)
     seen, held = sentence_pool(seed)
-    start = time.perf_counter()
-    patterns: dict[str, str | None] = {}
-    shards: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        for split in ("train", "val", "test"):
-            jobs = make_jobs(seed, split, speakers[split], per_speaker, seen, held)
-            paths = write_shards(_generate(jobs, pool), out, split, shard_size, mtime=0.0, total=len(jobs),
-                                 progress=f"avspeech-grid {split}" if progress else None)
-            patterns[split] = shard_pattern([p.name for p in paths]) if paths else None
-            shards[split], sizes[split] = len(paths), len(jobs)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    seconds = time.perf_counter() - start
-    meta = _meta(seed, size, speakers, sizes, patterns, shards, held, seconds, workers)
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if preview and patterns["test"]:
-        save_preview(out / patterns["test"], out / "preview.png")
+    corpus = Corpus(
+        name="avspeech-grid",
+        splits={split: make_jobs(seed, split, speakers[split], per_speaker, seen, held)
+                for split in ("train", "val", "test")},
+        sample=sample,
+        shard_size=shard_size,
+        header={"seed": seed, "size": size},
+        details=lambda: _details(speakers, held),
+        workers=workers,
+        chunksize=4,
+        timing=Timing("utterances", seconds_digits=2, rate_digits=2),
+    )
+    meta = write_corpus(out_dir, corpus, progress=progress)
+    if preview and meta["patterns"]["test"]:  # after meta.json, which does not list it
+        save_preview(Path(out_dir) / meta["patterns"]["test"], Path(out_dir) / "preview.png")
         meta["preview"] = "preview.png"
     return meta
 
 
-def _meta(seed: int, size: str, speakers: dict[str, list[Speaker]], counts: dict[str, int],
-          patterns: dict[str, str | None], shards: dict[str, int], held: np.ndarray, seconds: float,
-          workers: int) -> dict[str, Any]:
-    total = sum(counts.values())
+def _details(speakers: dict[str, list[Speaker]], held: np.ndarray) -> dict[str, Any]:
     return {
-        "corpus": "avspeech-grid", "seed": seed, "size": size, "counts": counts, "patterns": patterns,
-        "shards": shards, "speakers": {split: [s.id for s in group] for split, group in speakers.items()},
+        "speakers": {split: [s.id for s in group] for split, group in speakers.items()},
         "voices": {s.id: {"voice": s.voice, "rate": list(s.rate), "pitch": s.pitch, "range": s.range,
                           "wordgap": s.wordgap} for group in speakers.values() for s in group},
         "sample_rate": SAMPLE_RATE, "engine_sample_rate": espeak.SAMPLE_RATE, "fps": FPS, "roi_size": ROI_SIZE,
@@ -378,9 +357,6 @@ def _meta(seed: int, size: str, speakers: dict[str, list[Speaker]], counts: dict
             ("command", "colour", "preposition", "letter", "digit", "adverb"), SLOTS, strict=True)},
         "sentence_pool": POOL_SIZE, "unseen_sentence_ids": [int(s) for s in held],
         "visemes": list(mouth.VISEME_NAMES), "test_snrs_db": list(TEST_SNRS), "noises": list(NOISES),
-        "workers": workers, "seconds": round(seconds, 2),
-        "utterances_per_second": round(total / seconds, 2) if seconds > 0 else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

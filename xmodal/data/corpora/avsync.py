@@ -25,7 +25,6 @@ Defaults (2000/200/200 clips, about 70 MB) are written in about ten seconds on o
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.data.shards import shard_pattern, write_shards
+from xmodal.data.corpora.writer import Corpus, write_corpus
 from xmodal.modalities.audio import encode_audio
 from xmodal.modalities.video import encode_mp4
 
@@ -152,26 +151,19 @@ def make(
     """
     if image_size % 2:
         raise ValueError(f"image_size must be even (yuv420p), got {image_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
     options = {"seed": seed, "seconds": seconds, "fps": fps, "image_size": image_size, "sample_rate": sample_rate}
-    patterns: dict[str, str | None] = {}
-    shards: dict[str, int] = {}
-    for split, n in counts.items():
-        paths = write_shards(samples(split, n, **options), out, split, shard_size, mtime=0.0, total=n,
-                             progress=f"avsync {split}" if progress else None)
-        patterns[split] = shard_pattern([p.name for p in paths]) if paths else None
-        shards[split] = len(paths)
-    meta: dict[str, Any] = {
-        "corpus": "avsync",
-        **options,
-        "num_frames": round(seconds * fps),
-        "counts": counts,
-        "patterns": patterns,
-        "shards": shards,
-        "classes": list(CLASSES),
-        "num_classes": len(CLASSES),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
+    corpus = Corpus(
+        name="avsync",
+        splits={split: [(split, index, options) for index in range(n)]
+                for split, n in (("train", n_train), ("val", n_val), ("test", n_test))},
+        sample=_job,
+        shard_size=shard_size,
+        header={**options, "num_frames": round(seconds * fps)},
+        details=lambda: {"classes": list(CLASSES), "num_classes": len(CLASSES)},
+    )
+    return write_corpus(out_dir, corpus, progress=progress)
+
+
+def _job(args: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
+    split, index, options = args
+    return sample(split, index, **options)

@@ -34,11 +34,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
-import os
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xmodal.data.shards import shard_pattern, write_shards
+from xmodal.data.corpora.writer import Corpus, Timing, Written, default_workers, write_corpus
 
 CLASSES = ("car", "truck", "pedestrian", "cyclist")
 CLUTTER = "clutter"
@@ -608,47 +605,43 @@ def make(
         (int(image_size[0]), int(image_size[1]))
     counts = dict(zip(SPLIT_IDS, SIZES[size], strict=True))
     counts.update({k: v for k, v in (("train", n_train), ("val", n_val), ("test", n_test)) if v is not None})
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     spec = LidarSpec(azimuth_steps=azimuth_steps)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tally: dict[str, Counter[str]] = {split: Counter() for split in counts}
-    start = time.perf_counter()
-    patterns: dict[str, str | None] = {}
-    shards: dict[str, int] = {}
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        for split, n in counts.items():
-            jobs = [(split, i, seed, hw, spec, grid_range) for i in range(n)]
-            stream = pool.imap(_job, jobs, chunksize=2) if pool is not None else map(_job, jobs)
-            paths = write_shards(_counted(stream, tally[split]), out, split, shard_size, mtime=0.0, total=n,
-                                 progress=f"bev-scenes {split}" if progress else None)
-            patterns[split] = shard_pattern([p.name for p in paths]) if paths else None
-            shards[split] = len(paths)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    seconds = time.perf_counter() - start
-    total = sum(counts.values())
-    meta: dict[str, Any] = {
-        "corpus": "bev-scenes", "seed": seed, "size": size, "counts": counts, "patterns": patterns, "shards": shards,
+
+    def previewed(out: Path, written: Written) -> dict[str, Any]:
+        if not (preview and written.patterns["test"]):
+            return {}
+        save_preview(out / written.patterns["test"], out / "preview.png", grid_range)
+        return {"preview": "preview.png"}
+
+    corpus = Corpus(
+        name="bev-scenes",
+        splits={split: [(split, i, seed, hw, spec, grid_range) for i in range(n)] for split, n in counts.items()},
+        sample=_job,
+        shard_size=shard_size,
+        header={"seed": seed, "size": size},
+        details=lambda: _details(spec, hw, grid_range, tally, sum(counts.values())),
+        side_files=previewed,
+        inspect=lambda split, sample: _count(sample, tally[split]),
+        workers=default_workers(workers),
+        chunksize=2,
+        timing=Timing("scenes", seconds_digits=2, rate_digits=2),
+    )
+    return write_corpus(out_dir, corpus, progress=progress)
+
+
+def _details(spec: LidarSpec, hw: tuple[int, int], grid_range: float, tally: dict[str, Counter[str]],
+             scenes: int) -> dict[str, Any]:
+    """The metadata after the splits: the sensors, and the objects and points ``tally`` counted per split."""
+    return {
         "classes": list(CLASSES), "grid_range": [[-grid_range, grid_range], [-grid_range, grid_range]],
         "cameras": list(CAMERA_LAYOUT), "image_size": list(hw),
         "lidar": {"height": spec.height, "elevations": list(spec.elevations), "azimuth_steps": spec.azimuth_steps,
                   "max_range": spec.max_range, "range_noise": spec.range_noise, "dropout": spec.dropout},
-        "objects_per_class": {s: {c: tally[s][c] for c in CLASSES} for s in counts},
-        "mean_points_per_scene": round(sum(t["points"] for t in tally.values()) / max(total, 1), 1),
+        "objects_per_class": {s: {c: t[c] for c in CLASSES} for s, t in tally.items()},
+        "mean_points_per_scene": round(sum(t["points"] for t in tally.values()) / max(scenes, 1), 1),
         "boxes_without_points": sum(t["empty"] for t in tally.values()),
-        "workers": workers, "seconds": round(seconds, 2),
-        "scenes_per_second": round(total / seconds, 2) if seconds > 0 else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if preview and patterns["test"]:
-        save_preview(out / patterns["test"], out / "preview.png", grid_range)
-        meta["preview"] = "preview.png"
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
 
 
 def _job(args: tuple[str, int, int, tuple[int, int], LidarSpec, float]) -> dict[str, Any]:
@@ -656,13 +649,11 @@ def _job(args: tuple[str, int, int, tuple[int, int], LidarSpec, float]) -> dict[
     return scene_sample(split, index, seed=seed, image_hw=hw, lidar=spec, grid_range=grid_range)
 
 
-def _counted(samples: Iterable[dict[str, Any]], tally: Counter[str]) -> Iterator[dict[str, Any]]:
-    for sample in samples:
-        for box in sample["json"]["boxes"]:
-            tally[box["class"]] += 1
-            tally["empty"] += box["num_lidar_pts"] == 0
-        tally["points"] += len(np.load(io.BytesIO(sample["lidar.npy"])))
-        yield sample
+def _count(sample: dict[str, Any], tally: Counter[str]) -> None:
+    for box in sample["json"]["boxes"]:
+        tally[box["class"]] += 1
+        tally["empty"] += box["num_lidar_pts"] == 0
+    tally["points"] += len(np.load(io.BytesIO(sample["lidar.npy"])))
 
 
 def save_preview(shards: str | Path, path: str | Path, grid_range: float = 32.0) -> Path:

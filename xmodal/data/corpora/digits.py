@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
-import multiprocessing
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xmodal.data.shards import shard_pattern, write_shards
+from xmodal.data.corpora.writer import Vocabulary, caption_corpus, generate, write_corpus
 
 CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INKS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +56,6 @@ CAPTION_TEMPLATES = (
 CONTEXT_LENGTH = 16
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 TEST_FRACTION, VAL_FRACTION = 0.2, 0.1
-PARALLEL_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,13 +141,7 @@ def sample(split: str, index: int, source_index: int, *, seed: int, image_size: 
 
 def samples(split: str, n: int, *, seed: int, image_size: int, workers: int = 1) -> Iterator[dict]:
     """The ``n`` samples of ``split`` in order; the same whatever the number of ``workers`` (processes)."""
-    source()
-    jobs = [(split, index, src, seed, image_size) for index, src in enumerate(schedule(split, n, seed))]
-    if workers <= 1 or n < 4 * PARALLEL_CHUNK:
-        yield from map(_job, jobs)
-        return
-    with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap(_job, jobs, chunksize=PARALLEL_CHUNK)
+    return generate(_job, _jobs(split, n, seed, image_size), workers=workers)
 
 
 def make(
@@ -183,52 +172,33 @@ def make(
     Returns:
         The metadata written to ``meta.json``; shard patterns in it are relative to ``out_dir``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pools = source_splits()
     sizes = {
         "train": n_train,
         "val": len(pools["val"]) if n_val is None else n_val,
         "test": len(pools["test"]) if n_test is None else n_test,
     }
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    start = time.perf_counter()
-    patterns: dict[str, str | None] = {}
-    shards: dict[str, int] = {}
-    for split, n in sizes.items():
-        stream = samples(split, n, seed=seed, image_size=image_size, workers=workers)
-        paths = write_shards(stream, out, split, shard_size, mtime=0.0, total=n,
-                             progress=f"digits {split}" if progress else None)
-        patterns[split] = shard_pattern([p.name for p in paths]) if paths else None
-        shards[split] = len(paths)
-    seconds = time.perf_counter() - start
-
-    (out / "classes.json").write_text(json.dumps({"classes": list(CLASSES), "templates": list(TEMPLATES)}, indent=1))
-    from xmodal.modalities.text import build_word_tokenizer
-
-    build_word_tokenizer(all_texts(), out / "tokenizer", context_length=CONTEXT_LENGTH)
-    total = sum(sizes.values())
-    meta: dict[str, Any] = {
-        "corpus": "digits",
-        "seed": seed,
-        "image_size": image_size,
-        "counts": sizes,
-        "patterns": patterns,
-        "shards": shards,
-        "classes": "classes.json",
-        "num_classes": len(CLASSES),
-        "tokenizer": "tokenizer",
-        "context_length": CONTEXT_LENGTH,
-        "source_images": {split: len(pool) for split, pool in pools.items()},
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "samples_per_second": round(total / seconds, 1) if seconds > 0 else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
+    corpus = caption_corpus(
+        "digits",
+        {split: _jobs(split, n, seed, image_size) for split, n in sizes.items()},
+        _job,
+        vocabulary=Vocabulary(CLASSES, TEMPLATES, all_texts, CONTEXT_LENGTH),
+        seed=seed,
+        image_size=image_size,
+        shard_size=shard_size,
+        workers=workers,
+        details={"source_images": {split: len(pool) for split, pool in pools.items()}},
+    )
+    return write_corpus(out_dir, corpus, progress=progress)
 
 
-def _job(args: tuple[str, int, int, int, int]) -> dict:
+_Job = tuple[str, int, int, int, int]
+
+
+def _jobs(split: str, n: int, seed: int, image_size: int) -> list[_Job]:
+    return [(split, index, src, seed, image_size) for index, src in enumerate(schedule(split, n, seed))]
+
+
+def _job(args: _Job) -> dict:
     split, index, source_index, seed, image_size = args
     return sample(split, index, source_index, seed=seed, image_size=image_size)

@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import math
-import multiprocessing
-import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xmodal.data.shards import shard_pattern, write_shards
+from xmodal.data.corpora.writer import Vocabulary, caption_corpus, generate, write_corpus
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -92,7 +88,6 @@ RADIUS = {"small": 0.085, "large": 0.17}
 ANCHORS = {"top left": (0.26, 0.26), "top right": (0.74, 0.26), "bottom left": (0.26, 0.74),
            "bottom right": (0.74, 0.74), "center": (0.5, 0.5)}
 SPREAD = {1: 0.0, 2: 1.3, 3: 1.55}
-PARALLEL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -231,13 +226,7 @@ def samples(split: str, n: int, *, seed: int, image_size: int, max_count: int = 
     ``workers > 1`` renders in that many processes; the samples are the same whatever the number of workers.
     """
     held = split == "test" if held_out is None else held_out
-    combos = schedule(split, n, seed, held)
-    jobs = [(split, index, combo, seed, image_size, max_count) for index, combo in enumerate(combos)]
-    if workers <= 1 or n < 4 * PARALLEL_CHUNK:
-        yield from map(_job, jobs)
-        return
-    with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap(_job, jobs, chunksize=PARALLEL_CHUNK)
+    return generate(_job, _jobs(split, n, seed, image_size, max_count, held), workers=workers)
 
 
 def make(
@@ -274,52 +263,32 @@ def make(
     """
     if not 1 <= max_count <= len(COUNT_WORDS):
         raise ValueError(f"max_count must be in 1..{len(COUNT_WORDS)}, got {max_count}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     held = {"train": False, "val": heldout_val, "test": True}
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    start = time.perf_counter()
-    patterns: dict[str, str | None] = {}
-    shards: dict[str, int] = {}
-    for split, n in sizes.items():
-        stream = samples(split, n, seed=seed, image_size=image_size, max_count=max_count, held_out=held[split],
-                         workers=workers)
-        paths = write_shards(stream, out, split, shard_size, mtime=0.0, total=n,
-                             progress=f"shapes {split}" if progress else None)
-        patterns[split] = shard_pattern([p.name for p in paths]) if paths else None
-        shards[split] = len(paths)
-    seconds = time.perf_counter() - start
-
-    (out / "classes.json").write_text(json.dumps({"classes": list(CLASSES), "templates": list(TEMPLATES)}, indent=1))
-    from xmodal.modalities.text import build_word_tokenizer
-
-    build_word_tokenizer(all_texts(max_count), out / "tokenizer", context_length=CONTEXT_LENGTH)
-    total = sum(sizes.values())
-    meta: dict[str, Any] = {
-        "corpus": "shapes",
-        "seed": seed,
-        "image_size": image_size,
-        "counts": sizes,
-        "patterns": patterns,
-        "shards": shards,
-        "classes": "classes.json",
-        "num_classes": len(CLASSES),
-        "tokenizer": "tokenizer",
-        "context_length": CONTEXT_LENGTH,
-        "val": "held-out combinations" if heldout_val else "iid",
-        "held_out_combinations": len(combinations(True)),
-        "max_count": max_count,
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "samples_per_second": round(total / seconds, 1) if seconds > 0 else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
+    corpus = caption_corpus(
+        "shapes",
+        {split: _jobs(split, n, seed, image_size, max_count, held[split]) for split, n in sizes.items()},
+        _job,
+        vocabulary=Vocabulary(CLASSES, TEMPLATES, lambda: all_texts(max_count), CONTEXT_LENGTH),
+        seed=seed,
+        image_size=image_size,
+        shard_size=shard_size,
+        workers=workers,
+        details={"val": "held-out combinations" if heldout_val else "iid",
+                 "held_out_combinations": len(combinations(True)), "max_count": max_count},
+    )
+    return write_corpus(out_dir, corpus, progress=progress)
 
 
-def _job(args: tuple[str, int, Sequence[str], int, int, int]) -> dict:
+_Job = tuple[str, int, Sequence[str], int, int, int]
+
+
+def _jobs(split: str, n: int, seed: int, image_size: int, max_count: int, held_out: bool) -> list[_Job]:
+    combos = schedule(split, n, seed, held_out)
+    return [(split, index, combo, seed, image_size, max_count) for index, combo in enumerate(combos)]
+
+
+def _job(args: _Job) -> dict:
     split, index, combo, seed, image_size, max_count = args
     return sample(split, index, combo, seed=seed, image_size=image_size, max_count=max_count)
 

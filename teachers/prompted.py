@@ -1,6 +1,6 @@
 """PromptKD's teacher in stage 2: the stage-1 prompt-tuned CLIP, frozen, scoring images against stored class vectors.
 
-Stage 1 trains :class:`xmodal.students.prompted.PromptedCLIP` (an IVLP-style deep prompt learner over a frozen
+Stage 1 trains :class:`xmodal.modalities.prompts.PromptedCLIP` (an IVLP-style deep prompt learner over a frozen
 open_clip CLIP) as the Distiller's *student*, with cross-entropy on few-shot labels of the base classes.
 :func:`store_class_vectors` then computes its prompted text features for *every* class name once and writes them
 with a manifest (:mod:`xmodal.classvectors`; ``xmodal class-vectors`` on the command line).
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from xmodal.classvectors import load_class_vectors, save_class_vectors
 from xmodal.contracts import Batch, Outputs, Teacher, freeze
-from xmodal.students.prompted import PromptedCLIP
+from xmodal.modalities.prompts import PromptedCLIP
 
-__all__ = ["PromptedCLIP", "PromptedCLIPTeacher", "store_class_vectors"]
+__all__ = ["PromptedCLIPTeacher", "store_class_vectors"]
 
 
 @torch.no_grad()

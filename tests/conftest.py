@@ -54,7 +54,7 @@ def tiny_workspace(work: Path, cache_device: str = "cpu") -> Iterator[Path]:
 
 def build_tiny_workspace(cache_device: str = "cpu") -> None:
     """In the current directory: what the tiny configs point at, built the way a user would build it."""
-    from xmodal.cli import main
+    from xmodal.commands.main import main
     from xmodal.data.corpora import make_corpus
     from xmodal.students.clip import CLIPStudent, save_open_clip_dir
 

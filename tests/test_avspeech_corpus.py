@@ -155,7 +155,7 @@ def test_sample_is_reproducible() -> None:
 
 
 def test_cli_refuses_options_a_corpus_does_not_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from xmodal.data.cli import data_main
+    from xmodal.commands.data import data_main
 
     with pytest.raises(SystemExit):
         data_main(["make", "shapes", "--out", str(tmp_path / "x"), "--size", "tiny"])

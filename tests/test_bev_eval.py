@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from xmodal.commands import eval_bev
+from xmodal.commands.eval import eval_main
 from xmodal.data.shards import write_shards
 from xmodal.eval import bev
 from xmodal.eval.bev import (
@@ -27,7 +29,6 @@ from xmodal.eval.bev import (
     write_results,
     yaw_difference,
 )
-from xmodal.eval.cli import eval_main
 
 CLASSES = ["car", "pedestrian"]
 
@@ -308,7 +309,7 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         calls.append(args)
         return GroundTruthDetector()
 
-    monkeypatch.setattr(bev, "load_detector", fake_loader)
+    monkeypatch.setattr(eval_bev, "load_detector", fake_loader)
     return calls
 
 

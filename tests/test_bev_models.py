@@ -247,7 +247,7 @@ ON_THE_GPU = pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_avai
 @pytest.mark.parametrize("accelerator", ["cpu", ON_THE_GPU])
 def test_recipe_configs_train_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               accelerator: str) -> None:
-    from xmodal.cli import main
+    from xmodal.commands.main import main
 
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):

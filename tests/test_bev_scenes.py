@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from xmodal.data.cli import data_main
+from xmodal.commands.data import data_main
 from xmodal.data.corpora import CORPORA, make_corpus
 from xmodal.data.corpora.bevscenes import (
     CAMERA_LAYOUT,

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from xmodal.data.cache import cache_main, cache_teacher
+from xmodal.commands.cache import cache_main
+from xmodal.data.cache import cache_teacher
 from xmodal.data.shards import shard_pattern, write_shards
 from xmodal.modalities.image import ImageModality
 

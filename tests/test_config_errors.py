@@ -9,7 +9,7 @@ import yaml
 
 from tests.conftest import tiny_clip_args
 from tests.test_distiller import write_config
-from xmodal.cli import main
+from xmodal.commands.main import main
 from xmodal.students.clip import CLIPStudent, save_open_clip_dir
 
 

@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import tiny_clip_args, tiny_workspace
 from tests.test_configs import assert_one_finite_step, record_fits
-from xmodal.cli import main
+from xmodal.commands.main import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.conftest import tiny_clip_args
-from xmodal.cli import main
+from xmodal.commands.main import main
 from xmodal.losses.contrastive import DCDLoss, dcd_terms, hard_negative_candidates
 from xmodal.teachers.multi import KeyCollisionError, MultiTeacher
 from xmodal.teachers.sentence import SentenceTeacher, pool_tokens

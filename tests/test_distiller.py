@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.conftest import tiny_clip_args
-from xmodal.cli import main
+from xmodal.commands.main import main
 from xmodal.contracts import count_params
 from xmodal.data.wds import WdsDataModule
 from xmodal.distiller import ConfigKeyError, Distiller, NonFiniteLossError, lr_lambda, param_groups

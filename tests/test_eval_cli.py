@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_clip_args
-from xmodal.cli import main
+from xmodal.commands.main import main
 from xmodal.data.wds import make_pipeline
 from xmodal.eval.folders import evaluate_zeroshot_folder
 from xmodal.eval.retrieval import evaluate_retrieval, evaluate_retrieval_json

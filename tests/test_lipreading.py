@@ -336,7 +336,7 @@ def test_read_file_list(file_list: Path) -> None:
 
 
 def test_eval_asr_on_a_file_list(file_list: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from xmodal.eval.cli import eval_main
+    from xmodal.commands.eval import eval_main
     from xmodal.zoo import save_pretrained
 
     torch.manual_seed(0)
@@ -355,7 +355,7 @@ def test_eval_asr_on_a_file_list(file_list: Path, tmp_path: Path, capsys: pytest
 
 
 def test_eval_asr_rejects_plot_without_a_recipe(file_list: Path) -> None:
-    from xmodal.eval.cli import eval_main
+    from xmodal.commands.eval import eval_main
 
     with pytest.raises(SystemExit) as exit_info:
         eval_main(["asr", "--model", "x", "--list", str(file_list), "--plot", "out"])
@@ -363,15 +363,9 @@ def test_eval_asr_rejects_plot_without_a_recipe(file_list: Path) -> None:
 
 
 def test_alignment_plot_from_a_recipe(file_list: Path, tmp_path: Path) -> None:
-    from xmodal.eval.asr import (
-        alignment_maps,
-        asr_modalities,
-        list_batches,
-        load_distiller,
-        plot_alignments,
-        read_file_list,
-        to_device,
-    )
+    from xmodal.commands.eval_asr import asr_modalities
+    from xmodal.eval.asr import alignment_maps, list_batches, plot_alignments, read_file_list, to_device
+    from xmodal.zoo.loading import load_distiller
 
     distiller = load_distiller(ROOT / "configs/tiny/lipreading.yaml").eval()
     args = SimpleNamespace(num_frames=75, size=32, fps=25.0)
@@ -403,7 +397,7 @@ def test_every_lipreading_granularity_is_a_yaml_toggle() -> None:
 
 
 def test_eval_asr_cli_with_a_recipe_writes_the_alignment_png(file_list: Path, tmp_path: Path) -> None:
-    from xmodal.eval.cli import eval_main
+    from xmodal.commands.eval import eval_main
 
     out = tmp_path / "results.json"
     eval_main(["asr", "--config", str(ROOT / "configs/tiny/lipreading.yaml"), "--list", str(file_list), "--size", "32",

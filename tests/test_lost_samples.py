@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import tiny_clip_args
 from tests.test_data import png_bytes
-from xmodal.cli import main
+from xmodal.commands.main import main
 from xmodal.data.shards import shard_pattern, write_shards
 from xmodal.data.wds import LossTally, WdsDataModule
 from xmodal.distiller import Distiller

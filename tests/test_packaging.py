@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ EXPECTED = (
     "xmodal/teachers/open_clip.py",
     "xmodal/students/clip.py",
     "xmodal/data/corpora/shapes.py",
-    "xmodal/eval/cli.py",
+    "xmodal/commands/main.py",
 )
 
 
@@ -57,7 +58,38 @@ def test_wheel_ships_every_plugin_module_and_the_console_script(wheel: Path) -> 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "xmodal = xmodal.cli:main" in archive.read(entry_points).decode()
+        assert "xmodal = xmodal.commands.main:main" in archive.read(entry_points).decode()
     for folder in ("modalities", "teachers", "students"):
         for module in (REPO / folder).glob("*.py"):
             assert f"xmodal/{folder}/{module.name}" in names
+
+
+IMPORT_GRAPH = REPO.parent / "shared" / "tools" / "import_graph.py"
+
+
+def cycles_outside_bench(report: str) -> list[str]:
+    """The cycles of ``import_graph.py``'s report that involve a file outside ``bench/``."""
+    cycles: list[list[str]] = []
+    for line in report.splitlines():
+        if line.startswith("cycle "):
+            cycles.append([line])
+        elif line.startswith("  ") and cycles:
+            cycles[-1].append(line)
+    return ["\n".join(c) for c in cycles if any(not edge.strip().startswith("bench/") for edge in c[1:])]
+
+
+@pytest.mark.skipif(not IMPORT_GRAPH.is_file(), reason="the import graph tool is not beside the repository")
+def test_no_import_cycle_outside_bench() -> None:
+    result = subprocess.run([sys.executable, str(IMPORT_GRAPH), str(REPO)], capture_output=True, text=True,
+                            timeout=120)
+    assert not cycles_outside_bench(result.stdout), result.stdout
+
+
+def test_nothing_below_the_command_layer_imports_it() -> None:
+    """``xmodal.commands`` is the top layer; only ``python -m xmodal.demo``, an entry point itself, may use it."""
+    statement = re.compile(r"^\s*(from|import)\s+xmodal\.commands\b", re.MULTILINE)
+    folders = ("xmodal", "modalities", "teachers", "students")
+    below = [path for folder in folders for path in (REPO / folder).rglob("*.py")
+             if "commands" not in path.relative_to(REPO).parts and path.name != "demo.py"]
+    importers = [str(path.relative_to(REPO)) for path in below if statement.search(path.read_text())]
+    assert not importers, importers

@@ -20,7 +20,8 @@ from xmodal.eval.base2novel import (
     write_fewshot_shards,
     write_split,
 )
-from xmodal.students.prompted import DropLabels, LabelGuard, LabelReadError, PromptedCLIP, PromptedImageStudent
+from xmodal.modalities.prompts import PromptedCLIP
+from xmodal.students.prompted import DropLabels, LabelGuard, LabelReadError, PromptedImageStudent
 from xmodal.teachers.prompted import PromptedCLIPTeacher, store_class_vectors
 
 
@@ -229,7 +230,7 @@ def test_base2novel_metrics_and_hm() -> None:
 def test_inference_needs_only_the_student_and_its_class_vectors(ws: Workspace, tmp_path: Path) -> None:
     import shutil
 
-    from xmodal.cli import main
+    from xmodal.commands.main import main
     from xmodal.zoo import create_model, save_pretrained
 
     torch.manual_seed(0)
@@ -243,7 +244,7 @@ def test_inference_needs_only_the_student_and_its_class_vectors(ws: Workspace, t
     images = labelled_batch(ws, 4)["image"]
     torch.testing.assert_close(reloaded.eval().classify(images), student.eval().classify(images))
 
-    from xmodal.eval.cli import shard_loader
+    from xmodal.eval.folders import shard_loader
 
     split = ClassSplit(**json.loads(ws.split.read_text()))
     metrics = evaluate_base2novel(reloaded, shard_loader(str(ws.data / "test-*.tar"), 16, 16, 0), split)
@@ -255,7 +256,7 @@ def test_inference_needs_only_the_student_and_its_class_vectors(ws: Workspace, t
 
 
 def test_eval_cli_teacher_and_zero_shot_student(ws: Workspace, tmp_path: Path) -> None:
-    from xmodal.cli import main
+    from xmodal.commands.main import main
     from xmodal.students.clip import CLIPStudent
     from xmodal.zoo import save_pretrained
 
@@ -274,7 +275,7 @@ def test_eval_cli_teacher_and_zero_shot_student(ws: Workspace, tmp_path: Path) -
 
 
 def test_class_vectors_verb(ws: Workspace, tmp_path: Path) -> None:
-    from xmodal.cli import main
+    from xmodal.commands.main import main
 
     out = tmp_path / "cv.safetensors"
     main(["class-vectors", "--teacher", str(ws.stage1), "--out", str(out)])

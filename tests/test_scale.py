@@ -457,7 +457,7 @@ def test_cli_installs_the_checked_checkpoint_io(shapes_dir: Path, tmp_path: Path
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_distiller import write_config
     from xmodal.checkpoint import CorruptCheckpointError
-    from xmodal.cli import main
+    from xmodal.commands.main import main
 
     monkeypatch.chdir(tmp_path)
     broken = tmp_path / "broken.ckpt"
@@ -500,7 +500,7 @@ def test_torchrun_yaml_under_ddp_resumes_exactly(shapes_dir: Path, tmp_path: Pat
 
     def fit(root: str, *extra: str) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                   "xmodal.cli", "fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices",
+                   "xmodal.commands", "fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices",
                    "2", "--trainer.max_steps", "6", "--trainer.enable_checkpointing", "true",
                    "--trainer.default_root_dir", root, "--data.num_workers", "1", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

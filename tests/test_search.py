@@ -14,8 +14,9 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
+from xmodal.commands.search import search_main
 from xmodal.data.shards import write_shards
-from xmodal.search import diswot_score, probe, rank_students, relation_matrix, search_main, semantic_matrix
+from xmodal.search import diswot_score, probe, rank_students, relation_matrix, semantic_matrix
 
 VIT = "torchvision.models.VisionTransformer"
 

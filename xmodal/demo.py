@@ -52,7 +52,7 @@ def write_config(config: dict[str, Any], out: Path, name: str) -> Path:
 
 def run_config(base: Path, out: Path, name: str, seed: int, export_dir: Path, overlay: Path | None = None) -> Path:
     """Write a per-run copy of ``base`` (+ ``overlay``; seed, logger and export folders rewritten), then fit it."""
-    from xmodal.cli import main as xmodal_main
+    from xmodal.commands.main import main as xmodal_main
 
     config = yaml.safe_load(base.read_text())
     if overlay is not None:
@@ -159,7 +159,7 @@ def ensure_teacher(out: Path) -> float | None:
 
 def ensure_cache(out: Path, teacher_retrained: bool) -> float | None:
     """Cache the teacher's outputs over the training shards unless a cache from this teacher exists."""
-    from xmodal.data.cache import cache_main
+    from xmodal.commands.cache import cache_main
 
     if not teacher_retrained and (out / "teacher_cache" / "manifest.json").is_file():
         print(f"[demo] reusing the teacher cache in {out / 'teacher_cache'}")

@@ -1,4 +1,4 @@
-"""``xmodal compress --config stages.yaml``: TinyCLIP progressive compression in stages (e.g. 100% -> 50% -> 25%).
+"""TinyCLIP progressive compression in stages, e.g. 100% -> 50% -> 25% (``xmodal compress --config stages.yaml``).
 
 Each stage is an ordinary ``xmodal fit`` run whose student is a
 :class:`~xmodal.students.autoinherit.MaskedCLIP` around an
@@ -33,10 +33,8 @@ A stage's target is converted to the kept fraction of its own input model, ``min
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +101,19 @@ def stage_config(
 
 
 def run_stage(config_file: Path) -> Any:
-    """Fit one stage's config and return its trained student (a ``MaskedCLIP``)."""
-    from xmodal.cli import XmodalCLI
+    """Fit one stage's config and return its trained student (a ``MaskedCLIP``).
+
+    Lightning's own CLI is enough here: stages write no checkpoint, and their configs come from :func:`stage_config`.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
     from xmodal.data.wds import WdsDataModule
     from xmodal.distiller import Distiller
+    from xmodal.plugins import load_plugins
 
-    cli = XmodalCLI(Distiller, WdsDataModule, args=["--config", str(config_file)], run=False,
-                    seed_everything_default=0, auto_configure_optimizers=False, save_config_callback=None)
+    load_plugins()  # the shared fit config may name losses and callbacks by short class name
+    cli = LightningCLI(Distiller, WdsDataModule, args=["--config", str(config_file)], run=False,
+                       seed_everything_default=0, auto_configure_optimizers=False, save_config_callback=None)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli.model.student
 
@@ -139,12 +143,3 @@ def compress(spec: dict[str, Any]) -> list[Path]:
         exported.append(export)
         source = str(export)
     return exported
-
-
-def progressive_main(argv: Sequence[str]) -> None:
-    """``xmodal compress --config stages.yaml``."""
-    parser = argparse.ArgumentParser(prog="xmodal compress", description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--config", "-c", required=True, help="the stages file (see xmodal.progressive)")
-    args = parser.parse_args(list(argv))
-    for folder in compress(load_stages(args.config)):
-        print(folder)

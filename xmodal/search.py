@@ -21,8 +21,6 @@ Reference: Dong, Li, Wei, "DisWOT: Student Architecture Search for Distillation 
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, count_params
+from xmodal.contracts import Batch
 
 Inputs = Tensor | Mapping[str, Any]
 Data = Tensor | Batch | tuple[Tensor, Tensor] | Iterable[Any]
@@ -273,38 +271,3 @@ def markdown_ranking(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| rank | candidate | DisWOT score | params |", "| ---: | --- | ---: | ---: |"]
     lines += [f"| {r['rank']} | {r['name']} | {r['score']:.6f} | {r['params']:,} |" for r in rows]
     return "\n".join(lines)
-
-
-def search_main(argv: Sequence[str]) -> list[dict[str, Any]]:
-    """``xmodal search-student``: rank candidate students for a teacher without training; print a table."""
-    parser = argparse.ArgumentParser(prog="xmodal search-student", description=__doc__.split("\n\n")[0],
-                                     epilog="candidates file format:\n" + CANDIDATES_FORMAT,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", help="teacher YAML spec (class_path/init_args/checkpoint), zoo name or folder")
-    parser.add_argument("--candidates", required=True, help="YAML file with a 'candidates' list")
-    parser.add_argument("--data", required=True, help="image shard pattern (brace/glob), labels from .json 'label'")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="seed set before building each candidate")
-    parser.add_argument("--logits-key", default=None, help="output key of the logits for models returning dicts")
-    parser.add_argument("--input-key", default="image", help="batch key fed to plain image models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="write the ranking as JSON here")
-    args = parser.parse_args(list(argv))
-
-    path = Path(args.candidates)
-    config = yaml.safe_load(path.read_text()) or {}
-    teacher = load_teacher(args.teacher, config, path.parent).to(args.device)
-    candidates = {n: m.to(args.device) for n, m in load_candidates(config, path.parent, args.seed).items()}
-    batches = load_image_batches(args.data, args.image_size, args.batch_size, args.num_batches)
-    from xmodal.data.wds import move_batch
-
-    batches = [move_batch(b, args.device) for b in batches]
-    ranking = rank_students(teacher, candidates, batches, args.num_batches, args.logits_key, args.input_key)
-    rows = [{"rank": i + 1, "name": name, "score": score, "params": count_params(candidates[name])}
-            for i, (name, score) in enumerate(ranking)]
-    print(markdown_ranking(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    return rows

@@ -1,4 +1,4 @@
-"""``xmodal cache``: run a teacher over shards once and write shards that carry its outputs.
+"""Run a teacher over shards once and write shards that carry its outputs (``xmodal cache``).
 
 The new shards hold every original field untouched plus ``teacher.<output key>.npy`` (float outputs as float16,
 masks as bool, integer outputs as int32), and the output folder gets ``manifest.json`` with the teacher's identity
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -191,21 +190,3 @@ def cache_teacher(
     partial.write_text(json.dumps(manifest, indent=2))
     partial.replace(out / MANIFEST)
     return manifest
-
-
-def cache_main(argv: Sequence[str]) -> None:
-    """``xmodal cache --config cache.yaml`` (or flags): ``teacher``, ``modalities``, ``shards``, ``out``..."""
-    from jsonargparse import CLI
-
-    import xmodal.cli  # noqa: F401  (registers short class names)
-
-    try:
-        manifest = CLI(cache_teacher, args=list(argv), as_positional=False)
-    except OutputOverlapsInput as error:
-        raise SystemExit(f"xmodal cache: {error}") from error
-    print(json.dumps({k: manifest[k] for k in ("shards", "count", "skipped", "failed_shards", "seconds")}, indent=2))
-    for failed in manifest["failed_shards"]:
-        print(f"xmodal cache: shard failed mid-way, the rest of it was not cached: {failed}", file=sys.stderr)
-    if manifest["skipped"]:
-        print(f"xmodal cache: skipped {manifest['skipped']} corrupt sample(s): {', '.join(manifest['skipped_keys'])}",
-              file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Image files on disk as evaluation loaders: ImageNet-style class folders, and plain lists of files.
+"""Images on disk as evaluation loaders: ImageNet-style class folders, plain lists of files, and image shards.
 
 An ImageNet-style folder is ``root/<class_name>/*.jpg|jpeg|png|webp``; classes are the sub-folders in sorted
 order, and a folder name becomes a class name with ``_`` turned into a space (``golden_retriever`` ->
@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from xmodal.data.wds import CountedBatches
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder, Template, evaluate_zeroshot
-from xmodal.modalities.image import IMAGE_EXTENSIONS, decode_image
+from xmodal.modalities.image import IMAGE_EXTENSIONS, ImageModality, decode_image
 
 
 class ImageFiles(Dataset):
@@ -109,3 +110,13 @@ def evaluate_zeroshot_folder(
         raise ValueError(f"{root} has {len(folder_names)} class folders but {len(names)} class names were given")
     loader = image_loader(ImageFiles(paths, image_size, labels), batch_size, num_workers)
     return {**evaluate_zeroshot(model, loader, names, templates, device), "classes": len(names)}
+
+
+def shard_loader(pattern: str, image_size: int, batch_size: int, num_workers: int) -> CountedBatches:
+    """An in-order loader of uint8 images, captions and labels from shards (corrupt samples skipped and counted)."""
+    from xmodal.data.wds import make_pipeline
+    from xmodal.modalities.text import TextModality
+
+    pipeline = make_pipeline(pattern, [ImageModality(image_size), TextModality()], batch_size, train=False)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return CountedBatches(loader, pattern)

@@ -120,7 +120,7 @@ def save_pretrained(
     _compact_storages(model)
     save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps({"class_path": class_path, "init_args": init_args}, indent=2) + "\n")
-    from xmodal import __version__
+    from xmodal._version import __version__
 
     card = {
         "name": name or out.resolve().name,

@@ -1,4 +1,4 @@
-"""``xmodal eval zeroshot|retrieval``: benchmark a zoo model or checkpoint folder on shards, folders or caption files.
+"""``xmodal eval zeroshot|retrieval|base2novel|asr|bev``: benchmark a zoo model or checkpoint folder.
 
 Usage::
 
@@ -8,9 +8,9 @@ Usage::
     xmodal eval retrieval --model NAME_OR_DIR --captions-json dataset_coco.json --image-root coco/ [--split test]
     xmodal eval base2novel --model NAME_OR_DIR --split split.json (--shards 'data/test-*.tar' | --folder DIR)
     xmodal eval asr       (--model NAME_OR_DIR | --config recipe.yaml [--checkpoint CKPT]) (--shards ... | --list FILE)
-                          [--beam-size 4] [--plot DIR]   (lip reading CER/WER; see xmodal.eval.asr)
+                          [--beam-size 4] [--plot DIR]   (lip reading CER/WER; see xmodal.commands.eval_asr)
     xmodal eval bev       (--results nuscenes.json | --config recipe.yaml [--checkpoint CKPT]) --shards ...
-                          [--render N --render-dir DIR]   (3D detection mAP/NDS; see xmodal.eval.bev)
+                          [--render N --render-dir DIR]   (3D detection mAP/NDS; see xmodal.commands.eval_bev)
 
 Results are printed as a table and as JSON (``--out`` also writes the JSON), in clip_benchmark's shape:
 ``{"task", "model", "dataset", "image_size", "metrics": {...}, "skipped": {"samples", "failed_shards"}}``; shards
@@ -23,15 +23,26 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from xmodal.data.wds import CountedBatches, LossTally
+from xmodal.commands.eval_asr import add_asr_parser, run_asr
+from xmodal.commands.eval_base2novel import add_base2novel_parser, run_base2novel
+from xmodal.commands.eval_bev import add_bev_parser, run_bev
+from xmodal.commands.eval_common import (
+    PROG,
+    add_common,
+    add_model,
+    emit_results,
+    format_table,
+    load_model,
+    model_image_size,
+)
+from xmodal.data.wds import LossTally
+from xmodal.eval.formats import read_classes
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder
 
-PROG = "xmodal eval"
 Run = tuple[dict[str, Any], str, LossTally]  # metrics, dataset description, what the shards lost
 
 
@@ -66,32 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(retrieval)
     retrieval.set_defaults(subparser=retrieval)
 
-    from xmodal.eval.base2novel import add_base2novel_parser
-
-    add_base2novel_parser(tasks, add_model, add_common)
-
-    from xmodal.eval.asr import add_asr_parser
-
+    add_base2novel_parser(tasks)
     add_asr_parser(tasks)
-
-    from xmodal.eval.bev import add_bev_parser
-
     add_bev_parser(tasks)
     return parser
-
-
-def add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME_OR_DIR",
-                        help="zoo name (xmodal.zoo.list_models) or checkpoint folder")
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, metavar="N",
-                        help="side images are decoded to (default: the model's input size)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
-    parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    parser.add_argument("--out", metavar="FILE", help="write the results JSON here")
 
 
 def eval_main(argv: Sequence[str]) -> None:
@@ -99,20 +88,14 @@ def eval_main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(list(argv))
     task: argparse.ArgumentParser = args.subparser  # errors are reported with the task's usage line
     if args.task == "asr":
-        from xmodal.eval.asr import run_asr
-
         run_asr(task, args)
         return
     if args.task == "bev":
-        from xmodal.eval.bev import run_bev
-
         run_bev(task, args)
         return
     check_args(task, args)
     if args.task == "base2novel":
-        from xmodal.eval.base2novel import base2novel_cli
-
-        return base2novel_cli(task, args)
+        return run_base2novel(task, args)
     model = load_model(task, args.model)
     image_size = args.image_size or model_image_size(task, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,10 +108,7 @@ def eval_main(argv: Sequence[str]) -> None:
                "metrics": metrics, "skipped": tally.as_dict()}
     print(format_table(results))
     print(f"data: {tally.summary()}")
-    print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    emit_results(results, args.out)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -144,49 +124,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
 
-def load_model(parser: argparse.ArgumentParser, name_or_path: str) -> DualEncoder:
-    from xmodal.zoo import ChecksumError, create_model
-
-    try:
-        model = create_model(name_or_path)
-    except (FileNotFoundError, ValueError, ImportError, ChecksumError) as error:
-        parser.error(f"--model {name_or_path}: {error}")
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        parser.error(f"--model {name_or_path}: {type(model).__name__} has no encode_image/encode_text")
-    return cast(DualEncoder, model)
-
-
-def model_image_size(parser: argparse.ArgumentParser, model: DualEncoder) -> int:
-    size = getattr(getattr(model, "normalize", None), "size", None)
-    if not isinstance(size, int):
-        parser.error(f"{type(model).__name__} does not say its input size; pass --image-size")
-    return size
-
-
-def read_classes(path: str) -> tuple[list[str] | None, list[str] | None]:
-    """Class names and templates from a classes JSON (``{"classes", "templates"?}`` or a plain list of names)."""
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, list):
-        return [str(c) for c in data], None
-    if not isinstance(data, dict) or "classes" not in data:
-        raise ValueError(f"{path}: expected {{'classes': [...], 'templates': [...]}} or a list of class names")
-    templates = data.get("templates")
-    return [str(c) for c in data["classes"]], [str(t) for t in templates] if templates else None
-
-
-def shard_loader(pattern: str, image_size: int, batch_size: int, num_workers: int) -> CountedBatches:
-    """An in-order loader of uint8 images, captions and labels from shards (corrupt samples skipped and counted)."""
-    from xmodal.data.wds import make_pipeline
-    from xmodal.modalities.image import ImageModality
-    from xmodal.modalities.text import TextModality
-
-    pipeline = make_pipeline(pattern, [ImageModality(image_size), TextModality()], batch_size, train=False)
-    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    return CountedBatches(loader, pattern)
-
-
 def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
-    from xmodal.eval.folders import evaluate_zeroshot_folder
+    from xmodal.eval.folders import evaluate_zeroshot_folder, shard_loader
     from xmodal.eval.zeroshot import evaluate_zeroshot
 
     classnames, json_templates = read_classes(args.classes) if args.classes else (None, None)
@@ -202,6 +141,7 @@ def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, 
 
 
 def run_retrieval(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
+    from xmodal.eval.folders import shard_loader
     from xmodal.eval.retrieval import evaluate_retrieval, evaluate_retrieval_json
 
     if args.shards:
@@ -223,13 +163,3 @@ def resolve_split(captions_json: str, split: str | None) -> str | None:
     images = data.get("images") or [] if isinstance(data, dict) else []
     return "test" if any(isinstance(img, dict) and "split" in img for img in images) else None
 
-
-def format_table(results: dict[str, Any]) -> str:
-    """A two-column metric table under a header naming the task, model and data."""
-    metrics = results["metrics"]
-    width = max(len(k) for k in metrics)
-    lines = [f"{results['task']}  model={results['model']}  data={results['dataset']}  size={results['image_size']}"]
-    for key, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"  {key:<{width}}  {shown:>8}")
-    return "\n".join(lines)

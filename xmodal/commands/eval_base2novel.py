@@ -1,0 +1,64 @@
+"""``xmodal eval base2novel``: base / novel / harmonic-mean accuracy (see :mod:`xmodal.eval.base2novel`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, cast
+
+import torch
+
+from xmodal.classvectors import load_class_vectors
+from xmodal.commands.eval_common import PROG, add_common, add_model, emit_results, format_table, model_image_size
+from xmodal.data.wds import CountedBatches, LossTally
+from xmodal.eval.base2novel import evaluate_base2novel, folder_loader, read_split
+from xmodal.eval.folders import shard_loader
+from xmodal.eval.zeroshot import SIMPLE_TEMPLATES
+
+
+def add_base2novel_parser(tasks: Any) -> None:
+    """Add the ``base2novel`` task to ``xmodal eval``'s sub-parsers."""
+    task = tasks.add_parser("base2novel", help="base / novel / harmonic-mean top-1 accuracy (base-to-novel)")
+    add_model(task)
+    source = task.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", metavar="PATTERN", help="WebDataset shards with png/jpg and a json 'label'")
+    source.add_argument("--folder", metavar="DIR", help="ImageNet-style folder: DIR/<class_name>/*.png")
+    task.add_argument("--split", required=True, metavar="JSON",
+                      help='class split: {"classes": [...], "base": [indices], "novel": [indices]}')
+    task.add_argument("--class-vectors", metavar="FILE",
+                      help="classify against this stored class vectors file (default: the model's own classifier)")
+    task.add_argument("--templates", nargs="+", metavar="TEMPLATE",
+                      help="zero-shot prompt templates for plain CLIPs (default: 'a photo of a {}.')")
+    add_common(task)
+    task.set_defaults(subparser=task)
+
+
+def run_base2novel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run ``xmodal eval base2novel`` from parsed arguments; print the table and JSON, write ``--out``."""
+    from xmodal.zoo import ChecksumError, create_model
+
+    try:
+        model = create_model(args.model)
+        split = read_split(args.split)
+        classifier = None
+        if args.class_vectors:
+            classifier = load_class_vectors(args.class_vectors, classes=split.classes).vectors
+    except (FileNotFoundError, ValueError, ImportError, ChecksumError, KeyError) as error:
+        parser.error(str(error))
+    if not hasattr(model, "encode_image"):
+        parser.error(f"--model {args.model}: {type(model).__name__} has no encode_image")
+    image_size = args.image_size or model_image_size(parser, cast(Any, model))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.folder:
+            loader = folder_loader(args.folder, split, image_size, args.batch_size, args.num_workers)
+        else:
+            loader = shard_loader(args.shards, image_size, args.batch_size, args.num_workers)
+        metrics = evaluate_base2novel(model, loader, split, classifier, args.templates or SIMPLE_TEMPLATES, device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"{PROG} base2novel: {error}") from error
+    tally = loader.tally if isinstance(loader, CountedBatches) else LossTally()
+    results = {"task": "base2novel", "model": args.model, "dataset": args.folder or args.shards,
+               "image_size": image_size, "metrics": metrics, "skipped": tally.as_dict()}
+    print(format_table(results))
+    print(f"data: {tally.summary()}")
+    emit_results(results, args.out)

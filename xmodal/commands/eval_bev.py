@@ -1,0 +1,138 @@
+"""``xmodal eval bev``: nuScenes-style 3D detection mAP/NDS and BEV renders (protocol in :mod:`xmodal.eval.bev`).
+
+Usage::
+
+    xmodal eval bev --results results.json --shards 'data/bev/test-*.tar' [--classes car truck pedestrian cyclist]
+    xmodal eval bev --model runs/models/bev-camera --config configs/bev/camera_student.yaml --shards ...
+                    [--write-results results.json] [--render 8 --render-dir renders/] [--out metrics.json]
+    xmodal eval bev --config configs/bev/camera_unidistill.yaml --checkpoint last.ckpt [--part teacher] --shards ...
+
+``--model`` is an exported detector folder (what ``ExportStudent`` writes) or zoo name; ``--config`` gives the
+recipe's BEVModality settings (classes, image size, points) and, without ``--model``, rebuilds its Distiller
+(``--checkpoint`` weights; ``--part teacher`` scores the frozen teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from xmodal.commands.eval_common import emit_results
+from xmodal.eval.bev import (
+    DEFAULT_CLASSES,
+    DEFAULT_GRID_RANGE,
+    Detector,
+    bev_loader,
+    detector_traits,
+    evaluate_bev,
+    evaluate_results,
+    format_bev_table,
+    read_results,
+    recipe_bev_args,
+)
+from xmodal.modalities.bev import BEVModality
+from xmodal.zoo.loading import load_detector
+
+
+def add_bev_parser(tasks: Any) -> argparse.ArgumentParser:
+    """Add the ``bev`` subcommand to ``xmodal eval``'s subparsers."""
+    bev = tasks.add_parser("bev", help="nuScenes-style 3D detection mAP/NDS (TP errors ATE/ASE/AOE) and BEV renders")
+    source = bev.add_mutually_exclusive_group()
+    source.add_argument("--results", metavar="JSON", help="nuScenes results JSON to score (no model needed)")
+    source.add_argument("--model", metavar="NAME_OR_DIR",
+                        help="exported detector folder (ExportStudent's) or zoo name")
+    bev.add_argument("--config", metavar="YAML",
+                     help="training recipe: its data BEVModality settings, and without --model its model section")
+    bev.add_argument("--checkpoint", metavar="CKPT", help="Lightning checkpoint of --config's run (without --model)")
+    bev.add_argument("--part", choices=("student", "teacher"), default="student",
+                     help="which model of --config's recipe to score (default: student)")
+    bev.add_argument("--shards", required=True, metavar="PATTERN", help="ground-truth BEV shards (brace/glob)")
+    bev.add_argument("--classes", nargs="+", metavar="NAME",
+                     help="class names in label order (default: the recipe's BEVModality classes, else the "
+                     f"model's grid classes, else {' '.join(DEFAULT_CLASSES)})")
+    bev.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="camera images are resized to this (default: the recipe's, else as stored)")
+    bev.add_argument("--max-points", type=int, metavar="N", help="most LiDAR points per sweep (default: the recipe's)")
+    bev.add_argument("--max-range", type=float, metavar="M",
+                     help="ignore boxes M metres or farther (BEV) from the ego")
+    bev.add_argument("--min-gt-points", type=int, default=1, metavar="N",
+                     help="ignore ground truth with fewer LiDAR points, where the batches carry box_points")
+    bev.add_argument("--keep-empty-classes", action="store_true",
+                     help="score classes without ground truth as AP 0, errors 1 (the devkit's way) instead of "
+                     "leaving them out")
+    bev.add_argument("--write-results", metavar="JSON", help="with a model: write its predictions as nuScenes results")
+    bev.add_argument("--sensors", nargs="+", choices=("camera", "lidar", "radar"),
+                     help="sensors the model used, for the written results' meta (default: the model's inputs)")
+    bev.add_argument("--render", type=int, default=0, metavar="N", help="render the first N samples as PNG")
+    bev.add_argument("--render-dir", metavar="DIR", help="folder for --render's PNGs")
+    bev.add_argument("--score-threshold", type=float, default=0.3, metavar="S",
+                     help="lowest score of a rendered prediction")
+    bev.add_argument("--grid-range", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                     help="extent of the renders in metres (default: the model's grid, else -32 -32 32 32)")
+    bev.add_argument("--batch-size", type=int, default=8, metavar="N")
+    bev.add_argument("--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes")
+    bev.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
+    bev.add_argument("--out", metavar="FILE", help="write the results JSON here")
+    bev.set_defaults(subparser=bev)
+    return bev
+
+
+def check_bev_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot express; ``parser.error`` exits with status 2."""
+    if not (args.results or args.model or args.config):
+        parser.error("one of --results, --model or --config is required")
+    if args.results and (args.config or args.checkpoint or args.write_results):
+        parser.error("--config, --checkpoint and --write-results need a model, not --results")
+    if args.checkpoint and (args.model or not args.config):
+        parser.error("--checkpoint needs --config (and no --model)")
+    if args.render > 0 and not args.render_dir:
+        parser.error("--render needs --render-dir")
+    if args.batch_size < 1 or args.render < 0:
+        parser.error("--batch-size must be >= 1 and --render >= 0")
+
+
+def run_bev(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``xmodal eval bev``: score a results JSON or a detector; print a table and the JSON (``--out`` writes it)."""
+    check_bev_args(parser, args)
+    recipe = recipe_bev_args(args.config) if args.config else {}
+    model: Detector | None = None
+    if not args.results:
+        try:
+            model = load_detector(args.model, args.config, args.checkpoint, args.part)
+        except (FileNotFoundError, ValueError, ImportError, KeyError, TypeError) as error:
+            parser.error(str(error))
+    model_classes, extent, sensors = detector_traits(model)
+    classes = list(args.classes or recipe.get("classes") or model_classes or DEFAULT_CLASSES)
+    settings = {**recipe, "classes": classes}
+    if args.results:
+        settings["cameras"] = False  # only boxes and points are needed
+    elif "cameras" not in settings and sensors:
+        settings["cameras"] = "camera" in sensors
+    if args.image_size:
+        settings["image_size"] = args.image_size
+    if args.max_points:
+        settings["max_points"] = args.max_points
+    modality = BEVModality(**settings)
+    options: dict[str, Any] = {"max_range": args.max_range, "min_gt_points": args.min_gt_points,
+                               "ignore_empty_classes": not args.keep_empty_classes, "render": args.render,
+                               "render_dir": args.render_dir, "score_threshold": args.score_threshold,
+                               "grid_range": args.grid_range or extent or DEFAULT_GRID_RANGE}
+    try:
+        loader = bev_loader(args.shards, modality, args.batch_size, args.num_workers)
+        if model is None:
+            metrics = evaluate_results(read_results(args.results, classes), loader, classes, **options)
+        else:
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            meta = {f"use_{sensor}": True for sensor in args.sensors or sensors}
+            metrics = evaluate_bev(model, loader, classes, device=device, modalities=[modality],
+                                   results_path=args.write_results, results_meta=meta, **options)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"xmodal eval bev: {error}") from error
+    out = {"task": "bev", "model": args.results or args.model or args.config, "dataset": args.shards,
+           "classes": classes, "metrics": metrics, "skipped": loader.tally.as_dict()}
+    print(format_bev_table(out))
+    print(f"data: {loader.tally.summary()}")
+    emit_results(out, args.out)
+    return out

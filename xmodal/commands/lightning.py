@@ -1,0 +1,86 @@
+"""``xmodal fit|validate|test|predict --config recipe.yaml``: Lightning's CLI over the Distiller and the DataModule.
+
+Students, teachers, losses and modalities are chosen by ``class_path``; short class names work for every plug-in
+:func:`xmodal.plugins.load_plugins` imports.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from xmodal.data.wds import WdsDataModule
+from xmodal.distiller import ConfigKeyError, Distiller
+from xmodal.plugins import load_plugins
+
+DESCRIPTION = (
+    "Cross-modal knowledge distillation. Training verbs below are Lightning's; xmodal also has: "
+    "`xmodal data make NAME --out DIR`, `xmodal cache --config ...`, "
+    "`xmodal eval zeroshot|retrieval|base2novel|asr ...`, "
+    "`xmodal compress --config ...`, `xmodal search-student ...`, `xmodal class-vectors ...`, "
+    "`xmodal convert whisper-ct2 SRC DST` (each with --help)."
+)
+
+
+class XmodalCLI(LightningCLI):
+    """LightningCLI with xmodal's defaults; ``seed_everything`` is on by default for reproducible runs.
+
+    Checkpoints go through :class:`~xmodal.checkpoint.SafeCheckpointIO` (a damaged checkpoint gives a clear error)
+    unless the config chooses another ``CheckpointIO`` plugin.
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from xmodal.checkpoint import SafeCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path`` itself (for hyperparameters) before the trainer exists: same error."""
+        from xmodal.checkpoint import CorruptCheckpointError, corrupt_message
+
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as error:
+            if isinstance(error, FileNotFoundError | CorruptCheckpointError):
+                raise
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise CorruptCheckpointError(corrupt_message(Path(path), error)) from error
+
+
+def config_files(argv: Sequence[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def run_lightning(argv: Sequence[str]) -> None:
+    """Run a Lightning verb; configuration errors name the config file(s) and exit with status 2."""
+    files = ", ".join(config_files(argv)) or "the command line"
+    load_plugins()
+    try:
+        XmodalCLI(
+            Distiller, WdsDataModule, args=list(argv), seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION}, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except ConfigKeyError as error:
+        raise SystemExit(f"xmodal: configuration error in {files}: {error}") from error
+    except FileNotFoundError as error:
+        raise SystemExit(f"xmodal: a file named in {files} is missing: {error}") from error
+    except Exception as error:
+        if type(error).__name__ == "ArgumentError":
+            raise SystemExit(f"xmodal: configuration error in {files}: {error}") from error
+        raise

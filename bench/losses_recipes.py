@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from xmodal.callbacks import AugmentBatch, TGeoKDMetaCallback
 from xmodal.contracts import Batch, DistillLoss
 from xmodal.losses import (
-    AugmentBatch,
     CKALoss,
     DKDLoss,
     FeatureMSELoss,
@@ -34,7 +34,6 @@ from xmodal.losses import (
     SinkhornLoss,
     TAIDLoss,
     TGeoKDLoss,
-    TGeoKDMetaCallback,
     TRGLoss,
 )
 

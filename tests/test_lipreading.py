@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xmodal.callbacks import MixSpeechSchedule
 from xmodal.losses.libs import (
     CharCELoss,
     CharCTCLoss,
@@ -21,7 +22,7 @@ from xmodal.losses.libs import (
     LIBSSequenceLoss,
     interpolation_weights,
 )
-from xmodal.losses.mixspeech import MixSpeechLoss, MixSpeechSchedule, mix_ratio, mixed_kl
+from xmodal.losses.mixspeech import MixSpeechLoss, mix_ratio, mixed_kl
 from xmodal.losses.sequence import resample_to
 from xmodal.modalities.audio import lengths_to_mask
 from xmodal.modalities.transcript import CharVocab, TranscriptModality, cer, decoder_targets, wer

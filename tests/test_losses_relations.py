@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmodal.callbacks import AugmentBatch, HARDCallback, TGeoKDMetaCallback
 from xmodal.contracts import DistillLoss
 from xmodal.distiller import Distiller
 from xmodal.losses.augment import (
-    AugmentBatch,
     CutMixKD,
     HARDAugmenter,
-    HARDCallback,
     MixupKD,
     disagreement,
     hard_update,
@@ -27,7 +26,7 @@ from xmodal.losses.augment import (
 )
 from xmodal.losses.ranking import DSELoss, MarginMSELoss
 from xmodal.losses.relations import RKDLoss, TRGLoss
-from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback, tgeo_meta_step
+from xmodal.losses.weighting import TGeoKDLoss, tgeo_meta_step
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -345,10 +344,10 @@ def test_callbacks_build_from_config() -> None:
     mixup = {"class_path": "xmodal.losses.augment.MixupKD", "init_args": {"alpha": 0.2, "temperature": 4.0}}
     hard = {"class_path": "xmodal.losses.augment.HARDAugmenter", "init_args": {"strength": 0.3}}
     callbacks = parser.instantiate_classes(parser.parse_object({"callbacks": [
-        {"class_path": "xmodal.losses.augment.AugmentBatch", "init_args": {"transforms": [mixup], "mode": "one"}},
-        {"class_path": "xmodal.losses.augment.HARDCallback",
+        {"class_path": "xmodal.callbacks.AugmentBatch", "init_args": {"transforms": [mixup], "mode": "one"}},
+        {"class_path": "xmodal.callbacks.HARDCallback",
          "init_args": {"augmenter": hard, "student_key": "image.logits", "teacher_key": "image.logits"}},
-        {"class_path": "xmodal.losses.weighting.TGeoKDMetaCallback", "init_args": {"lr": 1e-3}},
+        {"class_path": "xmodal.callbacks.TGeoKDMetaCallback", "init_args": {"lr": 1e-3}},
     ]})).callbacks
     assert [type(c).__name__ for c in callbacks] == ["AugmentBatch", "HARDCallback", "TGeoKDMetaCallback"]
     assert isinstance(callbacks[0].transforms[0], MixupKD) and callbacks[1].augmenter.strength == 0.3

@@ -1,13 +1,28 @@
-"""Lightning callbacks that belong to every recipe."""
+"""Every Lightning callback of xmodal: exporting the student, probing it, and the training-time parts of losses.
+
+* :class:`ExportStudent`, :class:`ZeroShotProbe`: belong to every recipe;
+* :class:`AugmentBatch`, :class:`HARDCallback`: mixup/CutMix and HARD's adversarial warps on the training batch
+  (the transforms and the augmenter are in :mod:`xmodal.losses.augment`);
+* :class:`TGeoKDMetaCallback`: TGeo-KD's outer (meta) step (:func:`xmodal.losses.weighting.tgeo_meta_step`);
+* :class:`MixSpeechSchedule`: MixSpeech's audio-share curriculum (:func:`xmodal.losses.mixspeech.mix_ratio`).
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor, nn
+
+from xmodal.contracts import Batch, to_float_image
+from xmodal.losses.augment import CutMixKD, HARDAugmenter, MixupKD, hard_update
+from xmodal.losses.mixspeech import mix_ratio
+from xmodal.losses.weighting import LogitsFn, TGeoKDLoss, tgeo_meta_step
 
 
 class ExportStudent(L.Callback):
@@ -105,3 +120,184 @@ class ZeroShotProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.probe(trainer, pl_module, log=False)  # Lightning does not allow self.log here
+
+
+class AugmentBatch(L.Callback):
+    """Runs batch transforms on the device batch at the start of each training step (validation is untouched).
+
+    Args:
+        transforms: callables ``batch -> batch`` such as :class:`MixupKD` and :class:`CutMixKD`.
+        mode: ``"all"`` applies every transform in order; ``"one"`` applies one picked uniformly per batch
+            (timm-style switching between mixup and CutMix).
+        seed: seed of the ``"one"`` choice.
+    """
+
+    def __init__(self, transforms: Sequence[MixupKD | CutMixKD], mode: Literal["all", "one"] = "all",
+                 seed: int | None = None) -> None:
+        self.transforms = list(transforms)
+        self.mode = mode
+        self.rng = random.Random(seed)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        chosen = self.transforms if self.mode == "all" else [self.rng.choice(self.transforms)]
+        for transform in chosen:
+            batch.update(transform(batch))
+
+
+class HARDCallback(L.Callback):
+    """HARD during ``fit``: each step, update the augmenter once, then warp part of the batch's images.
+
+    The augmenter ascends the teacher-student disagreement (:func:`hard_update`) on the incoming batch; then the
+    first ``round(fraction * B)`` images of ``batch[image_key]`` are replaced by fresh warps, which the student
+    and the teacher both see in the training step, so the student's KD loss descends the disagreement the
+    augmenter found. Needs a live teacher (cached outputs do not follow the warp). The augmenter's weights are
+    saved in the callback's checkpoint state.
+
+    Args:
+        augmenter: the :class:`HARDAugmenter`.
+        student_key, teacher_key: logits keys compared by the disagreement.
+        image_key: batch key of the float ``B x C x H x W`` images.
+        lr: Adam learning rate of the augmenter.
+        fraction: share of each batch that is warped.
+        every_n_steps: update the augmenter every this many steps (warping happens every step).
+        temperature, teacher_consistency, identity_weight: see :func:`hard_augmenter_loss`.
+    """
+
+    def __init__(
+        self, augmenter: HARDAugmenter, student_key: str, teacher_key: str, image_key: str = "image",
+        lr: float = 1e-3, fraction: float = 0.5, every_n_steps: int = 1, temperature: float = 1.0,
+        teacher_consistency: float = 0.0, identity_weight: float = 0.0,
+    ) -> None:
+        self.augmenter = augmenter
+        self.student_key, self.teacher_key, self.image_key = student_key, teacher_key, image_key
+        self.lr, self.fraction, self.every_n_steps = lr, fraction, every_n_steps
+        self.loss_kwargs = {"temperature": temperature, "teacher_consistency": teacher_consistency,
+                            "identity_weight": identity_weight}
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from xmodal.teachers.cached import CachedTeacher
+
+        teacher = getattr(pl_module, "teacher", None)
+        if teacher is None or isinstance(teacher, CachedTeacher):
+            raise ValueError("HARDCallback needs a live teacher: cached teacher outputs do not follow the warps")
+        self.augmenter.to(pl_module.device)
+        self.optimizer = torch.optim.Adam(self.augmenter.parameters(), lr=self.lr)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        images = to_float_image(batch[self.image_key])
+        module: Any = pl_module  # a Distiller: .student and .teacher
+        teacher, student = module.teacher, module.student
+
+        def student_fn(x: Tensor) -> Tensor:
+            return student({**batch, self.image_key: x})[self.student_key]
+
+        def teacher_fn(x: Tensor) -> Tensor:
+            return teacher({**batch, self.image_key: x})[self.teacher_key]
+
+        if self.optimizer is not None and trainer.global_step % self.every_n_steps == 0:
+            value = hard_update(self.augmenter, self.optimizer, images, teacher_fn, student_fn, **self.loss_kwargs)
+            pl_module.log("train/hard_objective", value, batch_size=len(images))
+        k = round(self.fraction * len(images))
+        with torch.no_grad():
+            batch[self.image_key] = torch.cat([self.augmenter(images[:k]), images[k:]]) if k else images
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"augmenter": self.augmenter.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.augmenter.load_state_dict(state_dict["augmenter"])
+
+
+class TGeoKDMetaCallback(L.Callback):
+    """Trains every :class:`TGeoKDLoss`'s ratio network with :func:`tgeo_meta_step` during ``fit``.
+
+    At each training step (every ``every_n_steps``), before the student trains on the incoming batch, the
+    *previous* batch plays the inner (training) set and the incoming batch, not yet trained on, the held-out
+    meta set. The student runs in eval mode during the meta step (deterministic finite differences; no
+    BatchNorm statistics updates). The ratio networks have their own Adam optimizer (``lr``); its state is not
+    checkpointed (the networks' weights are, inside the loss modules).
+
+    Args:
+        lr: learning rate of the ratio networks (absorbs the inner step size ``eta``).
+        eps: finite-difference step of :func:`tgeo_meta_step`.
+        every_n_steps: run the meta step every this many training steps.
+    """
+
+    def __init__(self, lr: float = 1e-3, eps: float = 1e-2, every_n_steps: int = 1) -> None:
+        self.lr = lr
+        self.eps = eps
+        self.every_n_steps = every_n_steps
+        self._previous: Batch | None = None
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    @staticmethod
+    def tgeo_losses(pl_module: L.LightningModule) -> list[TGeoKDLoss]:
+        return [m for m in getattr(pl_module, "losses", []) if isinstance(m, TGeoKDLoss)]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        losses = self.tgeo_losses(pl_module)
+        if not losses:
+            raise ValueError("TGeoKDMetaCallback: the model has no TGeoKDLoss among its losses")
+        self._optimizers = {m.name: torch.optim.Adam(m.ratio_net.parameters(), lr=self.lr) for m in losses}
+        self._previous = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        previous, self._previous = self._previous, {k: v.detach() if isinstance(v, Tensor) else v
+                                                    for k, v in batch.items()}
+        if previous is None or trainer.global_step % self.every_n_steps:
+            return
+        module: Any = pl_module  # a Distiller: .student, .teacher_outputs
+        student: nn.Module = module.student
+        params = [p for p in student.parameters() if p.requires_grad]
+        was_training = student.training
+        student.eval()
+        try:
+            for loss in self.tgeo_losses(pl_module):
+                stats = tgeo_meta_step(
+                    loss, output_reader(student, str(loss.student_key)),
+                    output_reader(module.teacher_outputs, str(loss.teacher_key)),
+                    params, previous, batch, self._optimizers[loss.name], self.eps,
+                )
+                pl_module.log(f"train/{loss.name}_ratio", stats["ratio"], batch_size=len(batch["label"]))
+        finally:
+            student.train(was_training)
+
+
+def output_reader(model: Callable[[Batch], Any], key: str) -> LogitsFn:
+    """``batch -> model(batch)[key]``."""
+
+    def read(batch: Batch) -> Tensor:
+        return model(batch)[key]
+
+    return read
+
+
+class MixSpeechSchedule(L.Callback):
+    """Set ``pl_module.student.mix_lambda`` from :func:`mix_ratio` before each training batch and log it.
+
+    Args: as :func:`mix_ratio` (``steps``: length of the ramp in optimizer steps).
+    """
+
+    def __init__(
+        self, steps: int, start: float = 1.0, end: float = 0.0, shape: Literal["linear", "cosine"] = "linear",
+        hold: int = 0,
+    ) -> None:
+        mix_ratio(0, steps, start, end, shape, hold)  # validate now, not at the first batch
+        self.steps, self.start, self.end, self.shape, self.hold = steps, start, end, shape, hold
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        lam = mix_ratio(trainer.global_step, self.steps, self.start, self.end, self.shape, self.hold)
+        student = getattr(pl_module, "student", pl_module)
+        if not hasattr(student, "mix_lambda"):
+            raise AttributeError(f"{type(student).__name__} has no mix_lambda: use a LipReader with audio_frontend")
+        student.mix_lambda = lam
+        pl_module.log("train/mix_lambda", lam, on_step=True, on_epoch=False, batch_size=1)

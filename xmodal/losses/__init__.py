@@ -1,6 +1,9 @@
-"""Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`, usable from YAML by class name."""
+"""Distillation losses; every one is a :class:`xmodal.contracts.DistillLoss`, usable from YAML by class name.
 
-from xmodal.losses.augment import AugmentBatch, CutMixKD, HARDAugmenter, HARDCallback, MixupKD
+The callbacks that drive some of them during training (mixup/CutMix, HARD, TGeo-KD's meta step, MixSpeech's
+schedule) are in :mod:`xmodal.callbacks`."""
+
+from xmodal.losses.augment import CutMixKD, HARDAugmenter, MixupKD
 from xmodal.losses.bev import (
     BEVDetectionLoss,
     UniDistillFeatureLoss,
@@ -20,7 +23,7 @@ from xmodal.losses.libs import (
 )
 from xmodal.losses.logits import DKDLoss, HardLabelLoss, JSDivLoss, KLDivLoss, ReverseKLLoss
 from xmodal.losses.masked import MaskedFeatureLoss, partial_forward, random_patch_mask
-from xmodal.losses.mixspeech import MixSpeechLoss, MixSpeechSchedule, mix_ratio
+from xmodal.losses.mixspeech import MixSpeechLoss, mix_ratio
 from xmodal.losses.nd import NormDirectionLoss
 from xmodal.losses.ofa import OFALoss
 from xmodal.losses.ranking import DSELoss, MarginMSELoss
@@ -29,7 +32,7 @@ from xmodal.losses.sequence import TimeAlignedMSELoss
 from xmodal.losses.sinkhorn import SinkhornLoss
 from xmodal.losses.sparsity import SparsityLagrangianLoss
 from xmodal.losses.taid import TAIDLoss
-from xmodal.losses.weighting import TGeoKDLoss, TGeoKDMetaCallback
+from xmodal.losses.weighting import TGeoKDLoss
 
 __all__ = [
     "BEVDetectionLoss",
@@ -43,20 +46,16 @@ __all__ = [
     "LIBSFrameLoss",
     "LIBSSequenceLoss",
     "MixSpeechLoss",
-    "MixSpeechSchedule",
     "mix_ratio",
     "AffinityMimicLoss",
-    "AugmentBatch",
     "CutMixKD",
     "DCDLoss",
     "DSELoss",
     "HARDAugmenter",
-    "HARDCallback",
     "MarginMSELoss",
     "MixupKD",
     "RKDLoss",
     "TGeoKDLoss",
-    "TGeoKDMetaCallback",
     "TRGLoss",
     "CKALoss",
     "CLIPContrastiveLoss",

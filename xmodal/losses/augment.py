@@ -1,8 +1,8 @@
 """Data-side KD tools: device-side batch transforms (mixup, CutMix) and a learned adversarial augmenter (HARD).
 
 Teacher and student read the same ``batch["image"]``, so a transform applied to the batch before the training
-step is seen by both, as in MIX-KD. Plug the transforms into training with :class:`AugmentBatch` (a Lightning
-callback that runs them on the device batch), and HARD with :class:`HARDCallback`.
+step is seen by both, as in MIX-KD. Plug the transforms into training with :class:`xmodal.callbacks.AugmentBatch`
+(a Lightning callback that runs them on the device batch), and HARD with :class:`xmodal.callbacks.HARDCallback`.
 
 Keys written by :class:`MixupKD` / :class:`CutMixKD` (``B`` samples)::
 
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -148,30 +146,6 @@ def mixed_cross_entropy(logits: Tensor, batch: Batch, label_key: str = "label") 
     return (lam * own + (1 - lam) * F.cross_entropy(logits, batch["label_b"], reduction="none")).mean()
 
 
-class AugmentBatch(L.Callback):
-    """Runs batch transforms on the device batch at the start of each training step (validation is untouched).
-
-    Args:
-        transforms: callables ``batch -> batch`` such as :class:`MixupKD` and :class:`CutMixKD`.
-        mode: ``"all"`` applies every transform in order; ``"one"`` applies one picked uniformly per batch
-            (timm-style switching between mixup and CutMix).
-        seed: seed of the ``"one"`` choice.
-    """
-
-    def __init__(self, transforms: Sequence[MixupKD | CutMixKD], mode: Literal["all", "one"] = "all",
-                 seed: int | None = None) -> None:
-        self.transforms = list(transforms)
-        self.mode = mode
-        self.rng = random.Random(seed)
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        chosen = self.transforms if self.mode == "all" else [self.rng.choice(self.transforms)]
-        for transform in chosen:
-            batch.update(transform(batch))
-
-
 class HARDAugmenter(nn.Module):
     """The spatial-transformer augmenter of HARD: predicts a per-sample affine warp of the input images.
 
@@ -270,70 +244,3 @@ def hard_update(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
-
-
-class HARDCallback(L.Callback):
-    """HARD during ``fit``: each step, update the augmenter once, then warp part of the batch's images.
-
-    The augmenter ascends the teacher-student disagreement (:func:`hard_update`) on the incoming batch; then the
-    first ``round(fraction * B)`` images of ``batch[image_key]`` are replaced by fresh warps, which the student
-    and the teacher both see in the training step, so the student's KD loss descends the disagreement the
-    augmenter found. Needs a live teacher (cached outputs do not follow the warp). The augmenter's weights are
-    saved in the callback's checkpoint state.
-
-    Args:
-        augmenter: the :class:`HARDAugmenter`.
-        student_key, teacher_key: logits keys compared by the disagreement.
-        image_key: batch key of the float ``B x C x H x W`` images.
-        lr: Adam learning rate of the augmenter.
-        fraction: share of each batch that is warped.
-        every_n_steps: update the augmenter every this many steps (warping happens every step).
-        temperature, teacher_consistency, identity_weight: see :func:`hard_augmenter_loss`.
-    """
-
-    def __init__(
-        self, augmenter: HARDAugmenter, student_key: str, teacher_key: str, image_key: str = "image",
-        lr: float = 1e-3, fraction: float = 0.5, every_n_steps: int = 1, temperature: float = 1.0,
-        teacher_consistency: float = 0.0, identity_weight: float = 0.0,
-    ) -> None:
-        self.augmenter = augmenter
-        self.student_key, self.teacher_key, self.image_key = student_key, teacher_key, image_key
-        self.lr, self.fraction, self.every_n_steps = lr, fraction, every_n_steps
-        self.loss_kwargs = {"temperature": temperature, "teacher_consistency": teacher_consistency,
-                            "identity_weight": identity_weight}
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from xmodal.teachers.cached import CachedTeacher
-
-        teacher = getattr(pl_module, "teacher", None)
-        if teacher is None or isinstance(teacher, CachedTeacher):
-            raise ValueError("HARDCallback needs a live teacher: cached teacher outputs do not follow the warps")
-        self.augmenter.to(pl_module.device)
-        self.optimizer = torch.optim.Adam(self.augmenter.parameters(), lr=self.lr)
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        images = to_float_image(batch[self.image_key])
-        module: Any = pl_module  # a Distiller: .student and .teacher
-        teacher, student = module.teacher, module.student
-
-        def student_fn(x: Tensor) -> Tensor:
-            return student({**batch, self.image_key: x})[self.student_key]
-
-        def teacher_fn(x: Tensor) -> Tensor:
-            return teacher({**batch, self.image_key: x})[self.teacher_key]
-
-        if self.optimizer is not None and trainer.global_step % self.every_n_steps == 0:
-            value = hard_update(self.augmenter, self.optimizer, images, teacher_fn, student_fn, **self.loss_kwargs)
-            pl_module.log("train/hard_objective", value, batch_size=len(images))
-        k = round(self.fraction * len(images))
-        with torch.no_grad():
-            batch[self.image_key] = torch.cat([self.augmenter(images[:k]), images[k:]]) if k else images
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"augmenter": self.augmenter.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.augmenter.load_state_dict(state_dict["augmenter"])

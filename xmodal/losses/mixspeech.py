@@ -8,8 +8,9 @@ the visual stream)::
     CE(visual) + ce_weight * CE(mixed) + kl_weight * KL(p_mixed || p_visual)
 
 ``lam`` follows :func:`mix_ratio` from ``start`` (1: audio only, the audio branch is trained on audio) to ``end``
-(0: the mixed stream is the visual stream) over ``steps`` optimizer steps; :class:`MixSpeechSchedule` sets it on
-the student before every training batch and logs it as ``train/mix_lambda``.
+(0: the mixed stream is the visual stream) over ``steps`` optimizer steps;
+:class:`xmodal.callbacks.MixSpeechSchedule` sets it on the student before every training batch and logs it as
+``train/mix_lambda``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 
@@ -40,30 +40,6 @@ def mix_ratio(
     if shape == "cosine":
         progress = 0.5 * (1.0 - math.cos(math.pi * progress))
     return start + (end - start) * progress
-
-
-class MixSpeechSchedule(L.Callback):
-    """Set ``pl_module.student.mix_lambda`` from :func:`mix_ratio` before each training batch and log it.
-
-    Args: as :func:`mix_ratio` (``steps``: length of the ramp in optimizer steps).
-    """
-
-    def __init__(
-        self, steps: int, start: float = 1.0, end: float = 0.0, shape: Literal["linear", "cosine"] = "linear",
-        hold: int = 0,
-    ) -> None:
-        mix_ratio(0, steps, start, end, shape, hold)  # validate now, not at the first batch
-        self.steps, self.start, self.end, self.shape, self.hold = steps, start, end, shape, hold
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        lam = mix_ratio(trainer.global_step, self.steps, self.start, self.end, self.shape, self.hold)
-        student = getattr(pl_module, "student", pl_module)
-        if not hasattr(student, "mix_lambda"):
-            raise AttributeError(f"{type(student).__name__} has no mix_lambda: use a LipReader with audio_frontend")
-        student.mix_lambda = lam
-        pl_module.log("train/mix_lambda", lam, on_step=True, on_epoch=False, batch_size=1)
 
 
 class MixSpeechLoss(DistillLoss):

@@ -4,18 +4,17 @@
 owned by the loss predicts from the trilateral geometry of student prediction ``S``, teacher prediction ``T``,
 ground truth ``G`` and the teacher's class-mean prediction ``T_bar``. The paper learns that network by bilevel
 optimisation (outer objective: the student's loss on held-out data after an inner update). Here the outer step
-is :func:`tgeo_meta_step`, driven during training by :class:`TGeoKDMetaCallback`; see its docstring for the
-exact first-order approximation. The ratio network is never trained by the student's own loss (which would
-simply put all weight on the smaller of the two terms): ``forward`` computes ``alpha`` without gradient.
+is :func:`tgeo_meta_step`, driven during training by :class:`xmodal.callbacks.TGeoKDMetaCallback`; see
+:func:`tgeo_meta_step`'s docstring for the exact first-order approximation. The ratio network is never trained by the
+student's own loss (which would simply put all weight on the smaller of the two terms): ``forward`` computes
+``alpha`` without gradient.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,7 +62,7 @@ class TGeoKDLoss(DistillLoss):
     ``S``, ``T`` are softmax probabilities (``tau = 1``), ``G`` is one-hot, and ``T_bar_c`` is an exponential
     moving average (``momentum``) of the teacher's mean prediction over training samples of class ``c`` (kept in a
     buffer, saved with the model; a class not seen yet uses the sample's own ``T``). The MLP's last layer starts at
-    zero, so ``alpha = init_ratio`` everywhere until :class:`TGeoKDMetaCallback` (or your own calls to
+    zero, so ``alpha = init_ratio`` everywhere until :class:`~xmodal.callbacks.TGeoKDMetaCallback` (or your own calls to
     :func:`tgeo_meta_step`) trains it; without the callback this is plain fixed-ratio KD + CE.
 
     Reference: Hu, Wu, Li, Ma, Chen, Yan, Wang, Liu, "Less or More From Teacher: Exploiting Trilateral Geometry
@@ -143,15 +142,6 @@ class TGeoKDLoss(DistillLoss):
         return (alpha * kd + (1 - alpha) * ce).mean()
 
 
-def _reader(model: Callable[[Batch], Any], key: str) -> LogitsFn:
-    """``batch -> model(batch)[key]``."""
-
-    def read(batch: Batch) -> Tensor:
-        return model(batch)[key]
-
-    return read
-
-
 def _shift(params: Sequence[Tensor], direction: Sequence[Tensor], step: float) -> None:
     with torch.no_grad():
         for p, d in zip(params, direction, strict=True):
@@ -215,60 +205,3 @@ def tgeo_meta_step(
     optimizer.zero_grad(set_to_none=True)  # the student's optimizer must never see these gradients
     return {"meta_loss": float(meta_loss), "ratio": float(alpha.detach().mean()),
             "surrogate": float(surrogate.detach())}
-
-
-class TGeoKDMetaCallback(L.Callback):
-    """Trains every :class:`TGeoKDLoss`'s ratio network with :func:`tgeo_meta_step` during ``fit``.
-
-    At each training step (every ``every_n_steps``), before the student trains on the incoming batch, the
-    *previous* batch plays the inner (training) set and the incoming batch, not yet trained on, the held-out
-    meta set. The student runs in eval mode during the meta step (deterministic finite differences; no
-    BatchNorm statistics updates). The ratio networks have their own Adam optimizer (``lr``); its state is not
-    checkpointed (the networks' weights are, inside the loss modules).
-
-    Args:
-        lr: learning rate of the ratio networks (absorbs the inner step size ``eta``).
-        eps: finite-difference step of :func:`tgeo_meta_step`.
-        every_n_steps: run the meta step every this many training steps.
-    """
-
-    def __init__(self, lr: float = 1e-3, eps: float = 1e-2, every_n_steps: int = 1) -> None:
-        self.lr = lr
-        self.eps = eps
-        self.every_n_steps = every_n_steps
-        self._previous: Batch | None = None
-        self._optimizers: dict[str, torch.optim.Optimizer] = {}
-
-    @staticmethod
-    def tgeo_losses(pl_module: L.LightningModule) -> list[TGeoKDLoss]:
-        return [m for m in getattr(pl_module, "losses", []) if isinstance(m, TGeoKDLoss)]
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        losses = self.tgeo_losses(pl_module)
-        if not losses:
-            raise ValueError("TGeoKDMetaCallback: the model has no TGeoKDLoss among its losses")
-        self._optimizers = {m.name: torch.optim.Adam(m.ratio_net.parameters(), lr=self.lr) for m in losses}
-        self._previous = None
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        previous, self._previous = self._previous, {k: v.detach() if isinstance(v, Tensor) else v
-                                                    for k, v in batch.items()}
-        if previous is None or trainer.global_step % self.every_n_steps:
-            return
-        module: Any = pl_module  # a Distiller: .student, .teacher_outputs
-        student: nn.Module = module.student
-        params = [p for p in student.parameters() if p.requires_grad]
-        was_training = student.training
-        student.eval()
-        try:
-            for loss in self.tgeo_losses(pl_module):
-                stats = tgeo_meta_step(
-                    loss, _reader(student, str(loss.student_key)),
-                    _reader(module.teacher_outputs, str(loss.teacher_key)),
-                    params, previous, batch, self._optimizers[loss.name], self.eps,
-                )
-                pl_module.log(f"train/{loss.name}_ratio", stats["ratio"], batch_size=len(batch["label"]))
-        finally:
-            student.train(was_training)

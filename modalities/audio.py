@@ -100,6 +100,30 @@ def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def resample_to(features: Tensor, source_lengths: Tensor, target_lengths: Tensor, target_steps: int) -> Tensor:
+    """Linearly resample each sequence's valid part to the target length, by centre-aligned positions.
+
+    Args:
+        features: ``B x S x D`` source features (padding beyond ``source_lengths`` is ignored).
+        source_lengths: ``B`` valid source steps. target_lengths: ``B`` valid target steps.
+        target_steps: ``T``, the padded target length.
+
+    Returns:
+        ``B x T x D``; step ``j < target_lengths[b]`` samples the source at ``(j + 0.5) * S_b / T_b - 0.5``.
+    """
+    b, _, d = features.shape
+    steps = torch.arange(target_steps, device=features.device, dtype=torch.float32)[None, :]
+    src = source_lengths.float().clamp(min=1)[:, None]
+    tgt = target_lengths.float().clamp(min=1)[:, None]
+    position = ((steps + 0.5) * src / tgt - 0.5).clamp(min=0)
+    position = torch.minimum(position, src - 1)
+    low = position.floor().long()
+    high = torch.minimum(low + 1, (src - 1).long())
+    frac = (position - low.float())[..., None]
+    gather = lambda index: features.gather(1, index[..., None].expand(b, target_steps, d))  # noqa: E731
+    return gather(low) * (1 - frac) + gather(high) * frac
+
+
 def sinusoidal_positions(length: int, dim: int, device: torch.device | None = None) -> Tensor:
     """The transformer's fixed sine/cosine position table, ``length x dim``."""
     position = torch.arange(length, device=device, dtype=torch.float32)[:, None]

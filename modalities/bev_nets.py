@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmodal.modalities.blocks import conv_bn
+
 DEFAULT_CLASSES = ("car", "truck", "pedestrian", "cyclist")
 REG_CHANNELS = 8  # dx, dy (cells), z, log w, log l, log h, sin yaw, cos yaw
 
@@ -107,12 +109,6 @@ class BEVGrid:
         inside = (col >= 0) & (col < self.nx) & (row >= 0) & (row < self.ny)
         inside &= (z >= self.z_range[0]) & (z < self.z_range[1])
         return (row * self.nx + col).clamp(0, self.nx * self.ny - 1), inside
-
-
-def conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
 
 
 class PillarEncoder(nn.Module):

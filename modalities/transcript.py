@@ -141,6 +141,31 @@ def sentence_cer(reference: str, hypothesis: str, language: str = "en") -> float
     return cer([reference], [hypothesis], language)
 
 
+def pad_ids(rows: Sequence[Sequence[int]], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Integer rows of varying length -> int64 ``B x N`` (0-padded) and bool mask ``B x N``."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    ids = torch.zeros(len(rows), int(lengths.max()) if len(rows) else 0, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    return ids.to(device), mask.to(device)
+
+
+def texts_to_codepoints(texts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Texts as Unicode code points, int64 ``B x N`` + bool mask: a tensor form of any text that a cache can store."""
+    return pad_ids([[ord(char) for char in text] for text in texts], device)
+
+
+def codepoints_to_texts(codepoints: Tensor, mask: Tensor) -> list[str]:
+    """The inverse of :func:`texts_to_codepoints`."""
+    return ["".join(map(chr, row[valid].tolist())) for row, valid in zip(codepoints, mask.bool(), strict=True)]
+
+
+def identity_char_tokens(mask: Tensor) -> Tensor:
+    """The character -> token map of a character-level decoder (token ``i`` is character ``i``), 0 at padding."""
+    return torch.arange(mask.shape[1], device=mask.device)[None, :] * mask.long()
+
+
 def decoder_targets(vocab: CharVocab, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher-forcing inputs and next-character targets of an attention decoder.
 

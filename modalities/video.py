@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Modality, to_float_image
 from xmodal.modalities.audio import TemporalTransformer, lengths_to_mask
+from xmodal.modalities.blocks import conv_bn
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 
 VIDEO_EXTENSIONS = ("mp4", "avi", "mkv", "webm", "mov")
@@ -180,10 +181,6 @@ class VideoModality(Modality):
         return batch
 
 
-def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 class VideoEncoder(nn.Module):
     """Video tower: normalise -> Conv3d (3, 5, 5) stride (1, 2, 2) -> per-frame BN/ReLU/max-pool and 2D convs
     -> global pool -> temporal transformer.
@@ -215,7 +212,7 @@ class VideoEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 1, -1, 1, 1), persistent=False)
         self.conv3d = nn.Conv3d(in_channels, channels, (3, 5, 5), (1, 2, 2), (1, 2, 2), bias=False)
         self.stem = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-        self.trunk = nn.Sequential(_conv_bn(channels, 2 * channels, 2), _conv_bn(2 * channels, 4 * channels, 2))
+        self.trunk = nn.Sequential(conv_bn(channels, 2 * channels, 2), conv_bn(2 * channels, 4 * channels, 2))
         self.proj = nn.Linear(4 * channels, dim)
         self.transformer = TemporalTransformer(dim, depth, heads, mlp_ratio, dropout)
         self.dim = dim

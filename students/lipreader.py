@@ -13,8 +13,9 @@ frames), ``video.context`` ``B x L x dim`` (decoder context vector per character
 (with ``ctc=True``) and ``av.char_logits`` (the mixed stream, with ``audio_frontend=True`` and audio in the batch).
 
 :class:`LipReaderAudioTeacher` runs the audio branch alone (frozen) and produces the LIBS teacher contract
-(``audio.frames``, ``audio.context``, ``audio.sequence``, ``audio.cer``); the tiny configs use it with random
-weights so the recipe runs end to end without downloading Whisper.
+(generic outputs like :class:`~xmodal.teachers.whisper.WhisperTeacher`'s: encoder frames, per-character decoder
+states, greedy hypotheses); the tiny configs use it with random weights so the recipe runs end to end without
+downloading Whisper.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from xmodal.contracts import Batch, Outputs, Student, Teacher, freeze, to_float_image
-from xmodal.losses.sequence import resample_to
 from xmodal.modalities.audio import (
     INT16_SCALE,
     LogMel,
@@ -37,10 +37,13 @@ from xmodal.modalities.audio import (
     conv_frontend,
     lengths_to_mask,
     masked_convs,
+    resample_to,
 )
+from xmodal.modalities.blocks import conv_bn
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
-from xmodal.modalities.transcript import CharVocab, decoder_targets, sentence_cer
-from xmodal.modalities.video import _conv_bn
+from xmodal.modalities.transcript import CharVocab, decoder_targets, identity_char_tokens, texts_to_codepoints
+
+MEL_FRAME_RATE = 100.0  # Hz: the 10 ms hop of the audio frontend's log-mel
 
 
 class ResBlock(nn.Module):
@@ -49,7 +52,7 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
         )
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
@@ -337,13 +340,18 @@ class LipReaderAudioTeacher(nn.Module, Teacher):
             on; ``audio_stride: 2`` makes 50 Hz frames like Whisper's encoder).
         seed: seed of the random initialisation.
 
-    Outputs: ``audio.frames`` ``B x Ta x D`` (zero at padding), ``audio.frames_mask``, ``audio.context``
-    ``B x L x D`` (teacher-forced on ``transcript``), ``audio.context_mask``, ``audio.sequence`` ``B x D`` and
-    ``audio.cer`` ``B`` (greedy transcript vs ``transcript``).
+    Outputs: ``audio.frames`` ``B x Ta x D`` (zero at padding), ``audio.frames_mask``, ``audio.frame_rate`` (Hz),
+    ``audio.sequence`` ``B x D``; the decoder's tokens are characters: ``audio.token_ids`` ``B x L``,
+    ``audio.token_states`` ``B x L x D`` (context vectors, teacher-forced on ``transcript``), ``audio.char_token``
+    ``B x L`` (character ``i`` is token ``i``), each with its ``_mask``; ``audio.hypothesis_chars`` (code points of
+    the greedy transcript) + ``audio.hypothesis_chars_mask``.
     """
 
-    output_keys = ("audio.frames", "audio.frames_mask", "audio.context", "audio.context_mask", "audio.sequence",
-                   "audio.cer")
+    output_keys = (
+        "audio.frames", "audio.frames_mask", "audio.frame_rate", "audio.sequence", "audio.token_ids",
+        "audio.token_ids_mask", "audio.token_states", "audio.token_states_mask", "audio.char_token",
+        "audio.char_token_mask", "audio.hypothesis_chars", "audio.hypothesis_chars_mask",
+    )
     model: LipReader
 
     def __init__(self, checkpoint: str | None = None, lipreader: dict[str, Any] | None = None, seed: int = 0) -> None:
@@ -371,10 +379,19 @@ class LipReaderAudioTeacher(nn.Module, Teacher):
         wave = batch["audio"]
         feats, lengths = self.model.audio_features(wave, batch["audio_lengths"].to(wave.device))
         out = self.model.stream(feats, lengths, batch["transcript"], "audio")
-        hyps = self.model.greedy_decode(out["audio.frames"], out["audio.frames_mask"])
-        cers = [sentence_cer(ref, hyp) for ref, hyp in zip(batch["transcript"], hyps, strict=True)]
-        out["audio.cer"] = torch.tensor(cers, dtype=torch.float32, device=wave.device)
-        return {key: out[key] for key in self.output_keys}
+        mask = out["audio.context_mask"]
+        chars, chars_mask = texts_to_codepoints(
+            self.model.greedy_decode(out["audio.frames"], out["audio.frames_mask"]), wave.device
+        )
+        token_ids = self.model.vocab.batch_targets(batch["transcript"])[0].to(wave.device)
+        return {
+            "audio.frames": out["audio.frames"], "audio.frames_mask": out["audio.frames_mask"],
+            "audio.frame_rate": torch.tensor(MEL_FRAME_RATE / self.model.init_args["audio_stride"], device=wave.device),
+            "audio.sequence": out["audio.sequence"], "audio.token_ids": token_ids, "audio.token_ids_mask": mask,
+            "audio.token_states": out["audio.context"], "audio.token_states_mask": mask,
+            "audio.char_token": identity_char_tokens(mask), "audio.char_token_mask": mask,
+            "audio.hypothesis_chars": chars, "audio.hypothesis_chars_mask": chars_mask,
+        }
 
     def manifest(self) -> dict[str, Any]:
         from xmodal.teachers.common import state_dict_sha256

@@ -1,9 +1,12 @@
-"""The from-scratch conformer ASR (:class:`~xmodal.students.asr.ConformerASR`), frozen, as the lip-reading
-recipe's baseline teacher. Same outputs as :class:`~xmodal.teachers.whisper.WhisperTeacher`:
+"""The from-scratch conformer ASR (:class:`~xmodal.modalities.speech_nets.ConformerASR`), frozen, as the lip-reading
+recipe's baseline teacher. Generic outputs like :class:`~xmodal.teachers.whisper.WhisperTeacher`'s, with characters
+as the decoder's tokens:
 
-``audio.frames`` ``B x T x D`` (25 Hz) + ``audio.frames_mask``, ``audio.context`` ``B x L x D`` (the attention
-decoder's cross-attention output, one per character, teacher-forced on ``transcript``) + ``audio.context_mask``,
-``audio.sequence`` ``B x D``, and ``audio.cer`` ``B`` of its own greedy CTC transcript against ``transcript``.
+``audio.frames`` ``B x T x D`` (``audio.frame_rate`` 25 Hz) + ``audio.frames_mask``, ``audio.sequence`` ``B x D``,
+``audio.token_ids`` ``B x L`` (the :class:`~xmodal.modalities.transcript.CharVocab` ids of ``transcript``),
+``audio.token_states`` ``B x L x D`` (the attention decoder's cross-attention output per character, teacher-forced on
+``transcript``), ``audio.char_token`` ``B x L`` (character ``i`` is token ``i``), each with its ``_mask``, and
+``audio.hypothesis_chars`` (code points of its greedy CTC transcript) + ``audio.hypothesis_chars_mask``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch
 from torch import nn
 
 from xmodal.contracts import Batch, Outputs, freeze
-from xmodal.modalities.transcript import normalize_transcript, sentence_cer
-from xmodal.students.asr import EXPORT_FILE, ConformerASR
+from xmodal.modalities.speech_nets import EXPORT_FILE, FRAME_RATE, ConformerASR
+from xmodal.modalities.transcript import identity_char_tokens, texts_to_codepoints
 from xmodal.teachers.common import state_dict_sha256
 
 
@@ -41,20 +44,23 @@ def load_conformer(path: str | Path) -> ConformerASR:
 
 
 class ConformerTeacher(nn.Module):
-    """Frozen :class:`ConformerASR` with LIBS's outputs and its own CER.
+    """Frozen :class:`ConformerASR` with generic encoder, decoder and hypothesis outputs (see the module docstring).
 
     Args:
         model: export folder (``ConformerASR.export`` / the ``ExportPretrained`` callback) or checkpoint.
     """
+
+    output_keys = (
+        "audio.frames", "audio.frames_mask", "audio.frame_rate", "audio.sequence", "audio.token_ids",
+        "audio.token_ids_mask", "audio.token_states", "audio.token_states_mask", "audio.char_token",
+        "audio.char_token_mask", "audio.hypothesis_chars", "audio.hypothesis_chars_mask",
+    )
 
     def __init__(self, model: str) -> None:
         super().__init__()
         self.model_name = model
         self.asr: ConformerASR = load_conformer(model)
         freeze(self.asr)
-        self.output_keys: tuple[str, ...] = (
-            "audio.frames", "audio.frames_mask", "audio.context", "audio.context_mask", "audio.sequence", "audio.cer",
-        )
 
     def train(self, mode: bool = True) -> ConformerTeacher:
         """Stays in eval mode whatever ``mode`` is: a teacher is frozen."""
@@ -63,12 +69,19 @@ class ConformerTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, batch: Batch) -> Outputs:
         out = self.asr(batch)
+        device = out["audio.frames"].device
+        mask = out["audio.token_states_mask"]
+        token_ids = self.asr.vocab.batch_targets(batch["transcript"])[0][:, : mask.shape[1]].to(device) * mask
         hypotheses = self.asr.ctc_greedy(out["audio.ctc_logits"], out["audio.frames_mask"])
-        refs = [normalize_transcript(t) for t in batch["transcript"]]
-        cer = [sentence_cer(r, h) for r, h in zip(refs, hypotheses, strict=True)]
-        result = {key: out[key] for key in self.output_keys if key in out}
-        result["audio.cer"] = torch.tensor(cer, dtype=torch.float32, device=out["audio.frames"].device)
-        return result
+        chars, chars_mask = texts_to_codepoints(hypotheses, device)
+        return {
+            **{key: out[key] for key in ("audio.frames", "audio.frames_mask", "audio.sequence", "audio.token_states",
+                                         "audio.token_states_mask")},
+            "audio.frame_rate": torch.tensor(FRAME_RATE, device=device),
+            "audio.token_ids": token_ids, "audio.token_ids_mask": mask,
+            "audio.char_token": identity_char_tokens(mask), "audio.char_token_mask": mask,
+            "audio.hypothesis_chars": chars, "audio.hypothesis_chars_mask": chars_mask,
+        }
 
     def transcribe(self, batch: Batch) -> list[str]:
         with torch.no_grad():

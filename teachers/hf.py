@@ -28,29 +28,10 @@ from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs, freeze
 from xmodal.modalities.audio import INT16_SCALE, lengths_to_mask
+from xmodal.modalities.hf_nets import build_model
 from xmodal.teachers.common import state_dict_sha256
 
 AUDIO_DEFAULTS = {"sampling_rate": 16000, "do_normalize": True, "padding_value": 0.0}
-
-
-def build_model(model: str | None, config: dict[str, Any] | None, model_class: str, seed: int) -> nn.Module:
-    """Load ``model_class`` from a local folder (never downloads), or build it from a config dict.
-
-    ``config`` holds ``model_type`` plus that config class's fields, e.g. ``{"model_type": "wav2vec2",
-    "hidden_size": 32}``; the random init is seeded with ``seed`` without touching the global RNG.
-    """
-    if (model is None) == (config is None):
-        raise ValueError("give exactly one of model (a local path or cached name) and config")
-    cls = getattr(transformers, model_class, None)
-    if cls is None:
-        raise ValueError(f"transformers has no {model_class!r}")
-    if model is not None:
-        return cls.from_pretrained(model, local_files_only=True)
-    kwargs = dict(config or {})
-    hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls.from_config(hf_config)
 
 
 def audio_preprocessing(

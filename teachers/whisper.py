@@ -1,279 +1,40 @@
-"""Whisper as the speech-recognizer teacher of the lip-reading recipe (LIBS's three granularities), and the
-frontend that the trainable Whisper of the adaptation stage (:class:`~xmodal.students.asr.WhisperASR`) shares.
+"""Whisper as the speech-recognizer teacher of the lip-reading recipe, on the shared
+:class:`~xmodal.modalities.whisper_nets.WhisperFrontend` (preprocessing and the short-input trick are described there).
 
-Preprocessing, on the device: float waveform at ``input_sample_rate`` -> resampled to 16 kHz -> trimmed or
-zero-padded to ``seconds`` -> Whisper's log-mel (80 bins, 25 ms window, 10 ms hop, ``log10``, floor at the
-utterance's max - 8, ``(x + 4) / 4``; the same numbers as ``WhisperFeatureExtractor``).
+Teacher outputs (:class:`WhisperTeacher`), generic, so that a loss derives what it alone needs (the LIBS losses derive
+their per-character context and the teacher's CER from them):
 
-Short clips: the ``transformers`` encoder insists on 30 s of mel frames. :func:`slice_encoder_positions` sets
-``max_source_positions`` to ``50 * seconds`` and keeps the first rows of the (sinusoidal, frozen) position table,
-so a 4 s window costs 4 s of compute. Whisper's encoder has no padding mask, so the encoder states of a clip
-depend slightly on how much silence follows it: the sliced path is *not* bit-equal to the 30 s padded path
-(tiny.en: see the tests and the report), but it is what CTranslate2 does for short inputs.
-
-Teacher outputs (:class:`WhisperTeacher`):
-
-* ``audio.frames`` float32 ``B x Ta x D``: encoder states at 50 Hz, zero beyond each clip's length;
-  ``audio.frames_mask`` bool ``B x Ta``.
-* ``audio.context`` float32 ``B x L x D``: the cross-attention context vectors of decoder layer ``context_layer``
-  (default: the last), with the decoder teacher-forced on the normalised ground-truth transcript. By default
-  (``context_point="attention"``) the vector is the attention-weighted sum of the value-projected encoder states,
-  i.e. the input of ``encoder_attn.out_proj``; ``"output"`` takes ``out_proj``'s output. A token's vector is
-  taken at the decoder step that *predicts* it, and each character of the transcript gets the vector of the BPE
-  token that contains it (spaces belong to the following word's token), so ``L`` is the longest
-  ``CharVocab.encode`` length of the batch; ``audio.context_mask`` bool ``B x L``.
+* ``audio.frames`` float32 ``B x Ta x D``: encoder states, zero beyond each clip's length; ``audio.frames_mask``
+  bool ``B x Ta``; ``audio.frame_rate``: their rate in Hz (50), a scalar.
 * ``audio.sequence`` float32 ``B x D``: the mean of the valid encoder states.
-* ``audio.cer`` float32 ``B``: CER of Whisper's own greedy transcript (normalised) against ``transcript``.
-* ``audio.hypothesis_ids`` int64 ``B x H``, only with ``return_hypotheses=True``: the greedy token ids
-  (``eos``-padded), for inspection; off by default because a float16 teacher cache cannot hold token ids.
+* ``audio.token_ids`` int64 ``B x N``: the BPE tokens of ``" " + normalize_transcript(transcript)``;
+  ``audio.token_ids_mask``.
+* ``audio.token_states`` float32 ``B x N x D``: the cross-attention context of decoder layer ``context_layer``
+  (default: the last), with the decoder teacher-forced on those tokens, taken at the step that *predicts* each
+  token. By default (``context_point="attention"``) it is the attention-weighted sum of the value-projected
+  encoder states, i.e. the input of ``encoder_attn.out_proj``; ``"output"`` takes ``out_proj``'s output.
+  ``audio.token_states_mask``.
+* ``audio.char_token`` int64 ``B x L``: per character of the normalised transcript, the index of the token that
+  holds it (spaces belong to the following word's token); ``audio.char_token_mask``.
+* ``audio.hypothesis_ids`` int64 ``B x H``: Whisper's greedy token ids (``eos``-padded), ``audio.hypothesis_ids_mask``
+  (the tokens before ``eos``); ``audio.hypothesis_chars`` int64 ``B x C``: its normalised text as Unicode code
+  points (:func:`~xmodal.modalities.transcript.texts_to_codepoints`), ``audio.hypothesis_chars_mask``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torchaudio
-import transformers
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs, freeze
-from xmodal.modalities.audio import INT16_SCALE, lengths_to_mask
-from xmodal.modalities.transcript import normalize_transcript, sentence_cer
+from xmodal.modalities.audio import lengths_to_mask
+from xmodal.modalities.transcript import pad_ids, texts_to_codepoints
+from xmodal.modalities.whisper_nets import HOP_LENGTH, SAMPLE_RATE, WhisperFrontend
 from xmodal.teachers.common import state_dict_sha256
-from xmodal.teachers.hf import build_model
-
-SAMPLE_RATE = 16000
-# the decoder's cache argument: ``cache`` since transformers 5.x deprecated ``past_key_values``
-_DECODER_FORWARD = transformers.models.whisper.modeling_whisper.WhisperDecoder.forward
-CACHE_KWARG = "cache" if "cache" in inspect.signature(_DECODER_FORWARD).parameters else "past_key_values"
-HOP_LENGTH = 160
-N_FFT = 400
-
-
-# ---------------------------------------------------------------- features and the short-input trick
-def whisper_log_mel(wave: Tensor, mel_filters: Tensor) -> Tensor:
-    """Whisper's log-mel spectrogram of zero-padded waveforms.
-
-    Args:
-        wave: float ``B x S`` at 16 kHz, already padded to the window length.
-        mel_filters: ``F x n_mels`` filter bank (``WhisperFeatureExtractor.mel_filters``, ``F = 201``).
-
-    Returns:
-        ``B x n_mels x S // 160``, as ``WhisperFeatureExtractor`` computes it (per-row floor at max - 8).
-    """
-    with torch.autocast(wave.device.type, enabled=False):
-        window = torch.hann_window(N_FFT, device=wave.device)
-        stft = torch.stft(wave.float(), N_FFT, HOP_LENGTH, window=window, return_complex=True)
-        power = (stft[..., :-1].abs() ** 2).contiguous()
-        log_spec = torch.clamp(mel_filters.T.float() @ power, min=1e-10).log10()
-        floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
-        return (torch.maximum(log_spec, floor) + 4.0) / 4.0
-
-
-def slice_encoder_positions(model: Any, positions: int) -> None:
-    """Make a ``WhisperForConditionalGeneration``'s encoder accept ``2 * positions`` mel frames.
-
-    Sets ``max_source_positions`` and replaces ``embed_positions`` with its first ``positions`` rows (frozen, as
-    ``transformers`` keeps them). Growing back needs the original table: pass ``full_table`` to
-    :func:`restore_encoder_positions`.
-    """
-    encoder = model.get_encoder()
-    table = encoder.embed_positions.weight.detach()
-    if positions > table.shape[0]:
-        raise ValueError(f"the encoder has {table.shape[0]} positions; {positions} were asked for")
-    embedding = nn.Embedding(positions, table.shape[1], device=table.device, dtype=table.dtype)
-    embedding.weight.data.copy_(table[:positions])
-    embedding.requires_grad_(False)
-    encoder.embed_positions = embedding
-    encoder.max_source_positions = positions
-    encoder.config.max_source_positions = positions
-
-
-def restore_encoder_positions(model: Any, full_table: Tensor) -> None:
-    """Put the full ``P x D`` position table back (the inverse of :func:`slice_encoder_positions`)."""
-    encoder = model.get_encoder()
-    embedding = nn.Embedding(full_table.shape[0], full_table.shape[1], device=full_table.device, dtype=full_table.dtype)
-    embedding.weight.data.copy_(full_table)
-    embedding.requires_grad_(False)
-    encoder.embed_positions = embedding
-    encoder.max_source_positions = full_table.shape[0]
-    encoder.config.max_source_positions = full_table.shape[0]
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A Whisper tokenizer from a folder (``tokenizer.json`` inside) or a ``tokenizer.json`` file; offline."""
-    path = Path(path)
-    if path.is_file():
-        return transformers.WhisperTokenizer(tokenizer_file=str(path))
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def token_id_defaults(model: Any) -> dict[str, Any]:
-    """Prompt, eos and suppression lists from the model's config / generation config."""
-    config, generation = model.config, getattr(model, "generation_config", None)
-    no_ts = getattr(generation, "no_timestamps_token_id", None)
-    prompt = [config.decoder_start_token_id] + ([no_ts] if no_ts is not None else [])
-    return {
-        "prompt_ids": prompt, "eos_id": config.eos_token_id,
-        "suppress_ids": list(getattr(generation, "suppress_tokens", None) or config.suppress_tokens or []),
-        "suppress_ids_begin": list(
-            getattr(generation, "begin_suppress_tokens", None) or config.begin_suppress_tokens or []
-        ),
-    }
-
-
-class WhisperFrontend(nn.Module):
-    """What the teacher and the trainable wrapper share: the model, tokenizer, token ids and features.
-
-    Args:
-        model: a local ``transformers`` Whisper folder (``xmodal convert whisper-ct2`` writes one).
-        config: instead of ``model``, a ``WhisperConfig`` dict (``model_type: whisper`` + fields) for a random model.
-        tokenizer: tokenizer folder or ``tokenizer.json``; defaults to ``model``.
-        seconds: analysis window; clips are trimmed or zero-padded to it (``50 * seconds`` encoder frames).
-        prompt_ids, eos_id, suppress_ids, suppress_ids_begin: decoding tokens; default from the model's
-            (generation) config: ``[<|startoftranscript|>, <|notimestamps|>]`` = ``[50257, 50362]`` for tiny.en.
-        input_sample_rate: rate of the batch's ``audio``.
-        seed: seed of the random init when built from ``config``.
-    """
-
-    def __init__(
-        self, model: str | None = None, config: dict[str, Any] | None = None, tokenizer: str | None = None,
-        seconds: float = 4.0, prompt_ids: Sequence[int] | None = None, eos_id: int | None = None,
-        suppress_ids: Sequence[int] | None = None, suppress_ids_begin: Sequence[int] | None = None,
-        input_sample_rate: int = SAMPLE_RATE, seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.model_name, self.config_dict, self.seed = model, config, seed
-        self.model: Any = build_model(model, config, "WhisperForConditionalGeneration", seed)
-        self.full_positions = self.model.get_encoder().embed_positions.weight.detach().clone()
-        self.positions = round(seconds * SAMPLE_RATE / HOP_LENGTH) // 2
-        slice_encoder_positions(self.model, self.positions)
-        self.seconds, self.input_sample_rate = seconds, input_sample_rate
-        tokenizer_path = tokenizer or model
-        if tokenizer_path is None:
-            raise ValueError("give tokenizer (a folder or tokenizer.json) when building Whisper from a config")
-        self.tokenizer_path = str(tokenizer_path)
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        defaults = token_id_defaults(self.model)
-        self.prompt_ids = list(prompt_ids if prompt_ids is not None else defaults["prompt_ids"])
-        self.eos_id = int(eos_id if eos_id is not None else defaults["eos_id"])
-        self.suppress_ids = list(suppress_ids if suppress_ids is not None else defaults["suppress_ids"])
-        self.suppress_ids_begin = list(
-            suppress_ids_begin if suppress_ids_begin is not None else defaults["suppress_ids_begin"]
-        )
-        mel = transformers.WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins).mel_filters
-        self.mel_filters: Tensor
-        self.register_buffer("mel_filters", torch.as_tensor(mel, dtype=torch.float32), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.mel_filters.device
-
-    def features(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Batch ``audio`` ``B x S`` + ``audio_lengths`` -> log-mel ``B x n_mels x 100 * seconds`` and ``B``
-        valid encoder frames (``ceil(samples / 320)``, at most ``50 * seconds``)."""
-        wave, lengths = batch["audio"].to(self.device), batch["audio_lengths"].to(self.device)
-        wave = wave.float() / INT16_SCALE if wave.dtype == torch.int16 else wave.float()
-        if self.input_sample_rate != SAMPLE_RATE:
-            wave = torchaudio.functional.resample(wave, self.input_sample_rate, SAMPLE_RATE)
-            lengths = torch.ceil(lengths * (SAMPLE_RATE / self.input_sample_rate)).long()
-        window = 2 * self.positions * HOP_LENGTH
-        wave = wave * lengths_to_mask(lengths, wave.shape[-1])
-        wave = nn.functional.pad(wave, (0, max(0, window - wave.shape[-1])))[:, :window]
-        frames = torch.div(lengths.clamp(max=window) + 2 * HOP_LENGTH - 1, 2 * HOP_LENGTH, rounding_mode="floor")
-        return whisper_log_mel(wave, self.mel_filters), frames
-
-    def encode(self, mel: Tensor) -> Tensor:
-        """Log-mel ``B x n_mels x 2P`` -> encoder states ``B x P x D`` (float32)."""
-        dtype = next(self.model.parameters()).dtype
-        return self.model.get_encoder()(input_features=mel.to(dtype)).last_hidden_state.float()
-
-    def text_tokens(self, text: str) -> tuple[list[int], list[int]]:
-        """BPE ids of ``" " + normalize_transcript(text)`` and, per character of the normalised text, the index
-        of the token that holds it (a character between tokens goes to the following token)."""
-        norm = normalize_transcript(text)
-        encoded = self.tokenizer(" " + norm, add_special_tokens=False, return_offsets_mapping=True)
-        ids, ends = list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
-        owner, j = [], 0
-        for k in range(len(norm)):
-            while j < len(ends) - 1 and ends[j] <= k + 1:
-                j += 1
-            owner.append(j)
-        return ids, owner
-
-    def decode_text(self, ids: Sequence[int]) -> str:
-        """Normalised text of generated ids (stopping at ``eos``, special tokens dropped)."""
-        ids = list(ids)
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        return normalize_transcript(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def decoder_logits(self, ids: Tensor, states: Tensor, last_only: bool = False) -> Tensor:
-        """Decoder on ``B x N`` ids over encoder ``states`` -> logits ``B x N x V`` (``B x 1 x V`` if ``last_only``)."""
-        dtype = next(self.model.parameters()).dtype
-        hidden = self.model.get_decoder()(
-            input_ids=ids, encoder_hidden_states=states.to(dtype), use_cache=False
-        ).last_hidden_state
-        return self.model.proj_out(hidden[:, -1:] if last_only else hidden).float()
-
-    @torch.no_grad()
-    def greedy(self, states: Tensor, max_new_tokens: int, use_cache: bool = True) -> Tensor:
-        """Greedy decoding from ``prompt_ids`` with Whisper's suppression (``suppress_ids`` at every step,
-        ``suppress_ids_begin`` at the first); ``B x P x D`` states -> ``B x H`` new ids, ``eos``-padded.
-
-        With ``use_cache`` the decoder keeps its keys/values between steps (``transformers``' cache); without, it
-        recomputes the whole prefix each step (the reference the tests compare against).
-        """
-        b = states.shape[0]
-        ids = torch.tensor([self.prompt_ids] * b, device=states.device)
-        limit = min(max_new_tokens, self.model.config.max_target_positions - len(self.prompt_ids))
-        done = torch.zeros(b, dtype=torch.bool, device=states.device)
-        decoder, cache, step_ids = self.model.get_decoder(), None, ids
-        states = states.to(self.model.dtype)
-        for step in range(limit):
-            if use_cache:
-                out = decoder(input_ids=step_ids, encoder_hidden_states=states, use_cache=True,
-                              **({CACHE_KWARG: cache} if cache is not None else {}))
-                cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
-                logits = self.model.proj_out(out.last_hidden_state[:, -1]).float()
-            else:
-                logits = self.decoder_logits(ids, states, last_only=True)[:, -1]
-            logits[:, self.suppress_ids] = float("-inf")
-            if step == 0:
-                logits[:, self.suppress_ids_begin] = float("-inf")
-            nxt = torch.where(done, torch.full_like(done, self.eos_id, dtype=torch.long), logits.argmax(-1))
-            ids, step_ids = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-        return ids[:, len(self.prompt_ids):]
-
-    def forced_inputs(self, texts: Sequence[str], append_eos: bool) -> tuple[Tensor, list[list[int]], list[list[int]]]:
-        """Decoder inputs ``prompt + tokens (+ eos)`` padded with ``eos`` -> ``B x N`` ids, token lists, owners."""
-        tokens, owners = zip(*(self.text_tokens(t) for t in texts), strict=True) if texts else ((), ())
-        room = self.model.config.max_target_positions - len(self.prompt_ids) - int(append_eos)
-        tokens = tuple(t[:room] for t in tokens)
-        rows = [self.prompt_ids + t + ([self.eos_id] if append_eos else []) for t in tokens]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-        return ids.to(self.device), [list(t) for t in tokens], [list(o) for o in owners]
-
-    def export(self, dst: str | Path) -> None:
-        """Write a ``transformers`` folder (full 30 s positions, tokenizer, feature extractor) for the teacher."""
-        restore_encoder_positions(self.model, self.full_positions.to(self.device))
-        try:
-            self.model.save_pretrained(dst)
-        finally:
-            slice_encoder_positions(self.model, self.positions)
-        self.tokenizer.save_pretrained(dst)
-        transformers.WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins).save_pretrained(dst)
 
 
 @contextmanager
@@ -292,25 +53,30 @@ def capture_context(layer: Any, point: str) -> Iterator[list[Tensor]]:
 
 
 class WhisperTeacher(nn.Module):
-    """Frozen Whisper with LIBS's frame, context and sequence outputs and its own CER (see the module docstring).
+    """Frozen Whisper with generic encoder, decoder and hypothesis outputs (see the module docstring).
 
     Args:
         frontend arguments: see :class:`WhisperFrontend` (``model`` or ``config``, ``tokenizer``, ``seconds``...).
-        context_layer: decoder layer whose cross-attention gives ``audio.context`` (``-1``: the last).
+        context_layer: decoder layer whose cross-attention gives ``audio.token_states`` (``-1``: the last).
         context_point: ``"attention"`` (weighted sum of value-projected encoder states, before ``out_proj``) or
             ``"output"`` (after ``out_proj``).
         max_new_tokens: greedy decoding limit.
-        return_hypotheses: also return ``audio.hypothesis_ids``.
         dtype: weight dtype; outputs are float32.
     """
+
+    output_keys = (
+        "audio.frames", "audio.frames_mask", "audio.frame_rate", "audio.sequence", "audio.token_ids",
+        "audio.token_ids_mask", "audio.token_states", "audio.token_states_mask", "audio.char_token",
+        "audio.char_token_mask", "audio.hypothesis_ids", "audio.hypothesis_ids_mask", "audio.hypothesis_chars",
+        "audio.hypothesis_chars_mask",
+    )
 
     def __init__(
         self, model: str | None = None, config: dict[str, Any] | None = None, tokenizer: str | None = None,
         seconds: float = 4.0, prompt_ids: Sequence[int] | None = None, eos_id: int | None = None,
         suppress_ids: Sequence[int] | None = None, suppress_ids_begin: Sequence[int] | None = None,
         context_layer: int = -1, context_point: Literal["attention", "output"] = "attention",
-        max_new_tokens: int = 32, return_hypotheses: bool = False, input_sample_rate: int = SAMPLE_RATE,
-        dtype: str = "float32", seed: int = 0,
+        max_new_tokens: int = 32, input_sample_rate: int = SAMPLE_RATE, dtype: str = "float32", seed: int = 0,
     ) -> None:
         super().__init__()
         if context_point not in ("attention", "output"):
@@ -321,30 +87,36 @@ class WhisperTeacher(nn.Module):
         freeze(self.frontend)
         self.context_layer, self.context_point = context_layer, context_point
         self.max_new_tokens, self.dtype = max_new_tokens, dtype
-        self.output_keys: tuple[str, ...] = (
-            "audio.frames", "audio.frames_mask", "audio.context", "audio.context_mask", "audio.sequence",
-            "audio.cer",
-        ) + (("audio.hypothesis_ids",) if return_hypotheses else ())
 
     def train(self, mode: bool = True) -> WhisperTeacher:
         """Stays in eval mode whatever ``mode`` is: a teacher is frozen."""
         return super().train(False)
 
-    def context_vectors(self, states: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Teacher-forced context vectors per character: ``B x L x D`` and mask ``B x L``."""
+    def token_outputs(self, states: Tensor, texts: Sequence[str]) -> Outputs:
+        """Teacher-forced decoder outputs on ``texts``: ``audio.token_ids``, ``audio.token_states`` and
+        ``audio.char_token``, with their masks (see the module docstring)."""
         fe = self.frontend
         ids, tokens, owners = fe.forced_inputs(texts, append_eos=False)
         layer = fe.model.get_decoder().layers[self.context_layer]
         with capture_context(layer, self.context_point) as store:
             fe.model.get_decoder()(input_ids=ids, encoder_hidden_states=states.to(fe.model.dtype), use_cache=False)
-        context = store[0].float()  # B x N x D, step n predicts input n + 1
-        lengths = torch.tensor([len(o) for o in owners], dtype=torch.long)
-        out = torch.zeros(len(texts), int(lengths.max()) if len(texts) else 0, context.shape[-1], device=fe.device)
-        for i, owner in enumerate(owners):
-            if owner:
-                steps = (torch.tensor(owner, device=fe.device) + len(fe.prompt_ids) - 1).clamp(max=context.shape[1] - 1)
-                out[i, : len(owner)] = context[i, steps]
-        return out, lengths_to_mask(lengths.to(fe.device), out.shape[1])
+        token_ids, token_mask = pad_ids(tokens, fe.device)
+        start = len(fe.prompt_ids) - 1  # step start + k predicts token k
+        token_states = store[0].float()[:, start : start + token_ids.shape[1]] * token_mask[..., None]
+        # characters past a transcript cut to the decoder's length keep its last token
+        owners = [[min(o, len(t) - 1) for o in owner] for owner, t in zip(owners, tokens, strict=True)]
+        char_token, char_mask = pad_ids(owners, fe.device)
+        return {"audio.token_ids": token_ids, "audio.token_ids_mask": token_mask, "audio.token_states": token_states,
+                "audio.token_states_mask": token_mask, "audio.char_token": char_token,
+                "audio.char_token_mask": char_mask}
+
+    def hypothesis_outputs(self, states: Tensor) -> Outputs:
+        """Greedy hypotheses as token ids and as the code points of their normalised text, with masks."""
+        fe = self.frontend
+        hyp = fe.greedy(states, self.max_new_tokens)
+        chars, chars_mask = texts_to_codepoints([fe.decode_text(h.tolist()) for h in hyp], fe.device)
+        return {"audio.hypothesis_ids": hyp, "audio.hypothesis_ids_mask": (hyp == fe.eos_id).cumsum(1) == 0,
+                "audio.hypothesis_chars": chars, "audio.hypothesis_chars_mask": chars_mask}
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> Outputs:
@@ -353,20 +125,12 @@ class WhisperTeacher(nn.Module):
         states = fe.encode(mel)
         mask = lengths_to_mask(frames, states.shape[1])
         states_out = states * mask[..., None]
-        texts = list(batch["transcript"])
-        context, context_mask = self.context_vectors(states, texts)
-        hyp = fe.greedy(states, self.max_new_tokens)
-        hypotheses = [fe.decode_text(h.tolist()) for h in hyp]
-        cer = [sentence_cer(normalize_transcript(t), h) for t, h in zip(texts, hypotheses, strict=True)]
-        outputs = {
+        return {
             "audio.frames": states_out, "audio.frames_mask": mask,
-            "audio.context": context, "audio.context_mask": context_mask,
+            "audio.frame_rate": torch.tensor(SAMPLE_RATE / (2 * HOP_LENGTH), device=fe.device),
             "audio.sequence": states_out.sum(1) / frames.clamp(min=1)[:, None].float(),
-            "audio.cer": torch.tensor(cer, dtype=torch.float32, device=fe.device),
+            **self.token_outputs(states, list(batch["transcript"])), **self.hypothesis_outputs(states),
         }
-        if "audio.hypothesis_ids" in self.output_keys:
-            outputs["audio.hypothesis_ids"] = hyp
-        return outputs
 
     def transcribe(self, batch: Batch) -> list[str]:
         """Normalised greedy transcripts of the batch's audio."""

@@ -1,5 +1,6 @@
-"""Caching a speech teacher: variable-length frames and context vectors are stored trimmed per sample and padded
-back per batch, masks stay bool, and a LIBS loss on the cached outputs equals the loss on the live teacher."""
+"""Caching a speech teacher: variable-length frames, token states and hypotheses are stored trimmed per sample and
+padded back per batch, masks stay bool, ids stay integers, and a LIBS loss on the cached outputs equals the loss on
+the live teacher."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from xmodal.data.shards import write_shards
 from xmodal.data.wds import make_pipeline, prepare_on_device
 from xmodal.losses.libs import LIBSContextLoss, LIBSFrameLoss
 from xmodal.modalities.audio import AudioModality
+from xmodal.modalities.speech_nets import ConformerASR
 from xmodal.modalities.transcript import TranscriptModality
-from xmodal.students.asr import ConformerASR
 from xmodal.teachers.cached import CachedTeacher
 from xmodal.teachers.conformer import ConformerTeacher
 
@@ -108,9 +109,11 @@ def test_sequences_are_stored_trimmed_with_bool_masks(speech_cache: tuple[Path, 
         i = int(key.removeprefix("utt"))
         frames, mask = arrays["teacher.audio.frames.npy"], arrays["teacher.audio.frames_mask.npy"]
         assert mask.dtype == np.bool_ and mask.all() and frames.shape[0] == mask.shape[0]
-        context_mask = arrays["teacher.audio.context_mask.npy"]
-        assert context_mask.dtype == np.bool_ and context_mask.shape == (len(TEXTS[i]),)
-        assert arrays["teacher.audio.context.npy"].shape == (len(TEXTS[i]), 16)
+        token_mask = arrays["teacher.audio.token_states_mask.npy"]
+        assert token_mask.dtype == np.bool_ and token_mask.shape == (len(TEXTS[i]),)
+        assert arrays["teacher.audio.token_states.npy"].shape == (len(TEXTS[i]), 16)
+        assert arrays["teacher.audio.char_token.npy"].tolist() == list(range(len(TEXTS[i])))
+        assert arrays["teacher.audio.hypothesis_chars.npy"].dtype == np.int32
         assert arrays["teacher.audio.frames.npy"].dtype == np.float16
     frames = [fields[f"utt{i:02d}"]["teacher.audio.frames.npy"].shape[0] for i in range(len(SECONDS))]
     by_duration = [frames[i] for i in np.argsort(SECONDS)]
@@ -121,28 +124,33 @@ def test_cached_batches_mix_lengths_and_match_the_live_teacher(speech_cache: tup
     root, teacher = speech_cache
     mods = modalities()
     cached = CachedTeacher(str(root / "cache"), teacher)
-    frame_loss = LIBSFrameLoss(student_dim=16, teacher_dim=16, alignment="interpolate")
-    context_loss = LIBSContextLoss(student_dim=16, teacher_dim=16)
+    frame_loss = LIBSFrameLoss(student_dim=16, teacher_dim=16, alignment="interpolate", max_cer=1.0)
+    context_loss = LIBSContextLoss(student_dim=16, teacher_dim=16, max_cer=1.0)
     batches = make_pipeline(str(root / "cache" / "train-*.tar"), mods, batch_size=3, train=False)
     seen = 0
     for batch in batches:  # batches of 3 straddle the cache's batches of 4: lengths come from different paddings
         batch = prepare_on_device(batch, mods, train=False)
         served, live = cached(batch), teacher(batch)
-        for key in ("audio.frames_mask", "audio.context_mask"):
+        assert served["audio.frame_rate"].item() == live["audio.frame_rate"].item() == 25.0
+        for key in ("audio.frames_mask", "audio.token_states_mask", "audio.char_token_mask",
+                    "audio.hypothesis_chars_mask"):
             assert served[key].dtype == torch.bool and torch.equal(served[key], live[key])
-        for key in ("audio.frames", "audio.context", "audio.sequence"):
+        for key in ("audio.token_ids", "audio.char_token", "audio.hypothesis_chars"):
+            assert not served[key].is_floating_point() and torch.equal(served[key].long(), live[key]), key
+        for key in ("audio.frames", "audio.token_states", "audio.sequence"):
             assert served[key].shape == live[key].shape
             assert torch.allclose(served[key], live[key], atol=2e-3, rtol=2e-3), key
         n_video = (batch["audio_lengths"] * 25 // 16000).clamp(min=1)  # 25 fps video of the same utterances
         video_mask = torch.arange(int(n_video.max()))[None] < n_video[:, None]
         video = torch.randn(len(n_video), video_mask.shape[1], 16)
-        char_mask = live["audio.context_mask"]
+        char_mask = live["audio.char_token_mask"]
         chars = torch.randn(*char_mask.shape, 16)
         for loss, student in ((frame_loss, (video, video_mask)), (context_loss, (chars, char_mask))):
-            key = "audio.frames" if loss is frame_loss else "audio.context"
-            cached_value = loss(student, (served[key], served[key + "_mask"]), batch)
-            live_value = loss(student, (live[key], live[key + "_mask"]), batch)
+            cached_value = loss(student, tuple(served[k] for k in loss.teacher_key), batch)
+            cached_kept = loss.last_metrics["kept_fraction"]
+            live_value = loss(student, tuple(live[k] for k in loss.teacher_key), batch)
             assert torch.allclose(cached_value, live_value, rtol=1e-3), loss.name
+            assert torch.equal(cached_kept, loss.last_metrics["kept_fraction"])
         seen += len(batch["transcript"])
     assert seen == len(SECONDS)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from xmodal.losses.libs import LIBSFrameLoss
+from xmodal.modalities.transcript import texts_to_codepoints
 
 
 def fixed_attention_loss(key_weight: float, **kwargs: object) -> LIBSFrameLoss:
@@ -52,6 +53,7 @@ def test_cer_filter_keeps_a_sample_exactly_at_the_threshold() -> None:
     loss = fixed_attention_loss(0.0, max_offset=0.0, coverage_weight=0.0, max_cer=0.25)
     mask = torch.ones(2, 2, dtype=torch.bool)
     s, t = frames([1.0, 1.0], [3.0, 3.0]), frames([0.0, 0.0], [0.0, 0.0])
-    value = loss((s, mask), (t, mask, torch.tensor([0.25, 0.5])), {})
+    hypotheses = texts_to_codepoints(["xbcd", "xxcd"])  # CER 0.25 and 0.5 against "abcd"
+    value = loss((s, mask), (t, mask, *hypotheses), {"transcript": ["abcd", "abcd"]})
     assert value.item() == pytest.approx(1.0)  # sample 0 (cer == max_cer, error 1) kept; sample 1 (error 9) not
     assert loss.last_metrics["kept_fraction"].item() == pytest.approx(0.5)

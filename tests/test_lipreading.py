@@ -20,12 +20,21 @@ from xmodal.losses.libs import (
     LIBSContextLoss,
     LIBSFrameLoss,
     LIBSSequenceLoss,
+    char_vectors,
     interpolation_weights,
+    teacher_cer,
 )
 from xmodal.losses.mixspeech import MixSpeechLoss, mix_ratio, mixed_kl
-from xmodal.losses.sequence import resample_to
-from xmodal.modalities.audio import lengths_to_mask
-from xmodal.modalities.transcript import CharVocab, TranscriptModality, cer, decoder_targets, wer
+from xmodal.modalities.audio import lengths_to_mask, resample_to
+from xmodal.modalities.transcript import (
+    CharVocab,
+    TranscriptModality,
+    cer,
+    codepoints_to_texts,
+    decoder_targets,
+    texts_to_codepoints,
+    wer,
+)
 from xmodal.students.lipreader import LipReader, LipReaderAudioTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,8 +113,14 @@ def test_audio_teacher_produces_the_libs_contract() -> None:
     assert set(out) == set(LipReaderAudioTeacher.output_keys)
     assert out["audio.frames"].shape == (2, 21, 16)  # 50 Hz: 6400 samples -> 41 mel frames -> 21
     assert out["audio.frames_mask"].sum(1).tolist() == [21, 16]
-    assert out["audio.context"].shape[:2] == out["audio.context_mask"].shape == (2, 12)
-    assert out["audio.sequence"].shape == (2, 16) and out["audio.cer"].shape == (2,)
+    assert out["audio.frame_rate"].item() == 50.0
+    assert out["audio.token_states"].shape[:2] == out["audio.token_states_mask"].shape == (2, 12)
+    assert torch.equal(out["audio.token_ids"][1], torch.tensor(CharVocab().encode(TEXTS[1])))
+    assert out["audio.char_token"][1].tolist() == list(range(12))
+    assert out["audio.char_token_mask"].sum(1).tolist() == [8, 12]
+    assert out["audio.sequence"].shape == (2, 16)
+    hypotheses = codepoints_to_texts(out["audio.hypothesis_chars"], out["audio.hypothesis_chars_mask"])
+    assert hypotheses == teacher.model.greedy_decode(out["audio.frames"], out["audio.frames_mask"])
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.train().training
     assert teacher.manifest()["output_keys"] == list(LipReaderAudioTeacher.output_keys)
 
@@ -189,23 +204,33 @@ def test_frame_attention_trains_queries_and_keys_but_not_the_teacher() -> None:
 
 # --- filtering ---------------------------------------------------------------------------------------------------
 
+REFERENCE = "abcdefghij"
+
+
+def hypotheses_with_errors(*errors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher hypotheses (code points + mask) with ``errors[i]`` substituted characters of :data:`REFERENCE`,
+    i.e. a CER of ``errors[i] / 10`` against it."""
+    return texts_to_codepoints(["x" * n + REFERENCE[n:] for n in errors])
+
+
 def filtered_cases() -> list[tuple[Any, Any, Any]]:
     torch.manual_seed(0)
-    cer = torch.tensor([0.1, 0.5, 0.2])
+    hyp = hypotheses_with_errors(1, 5, 2)  # CER 0.1, 0.5, 0.2
     m = torch.ones(3, 4, dtype=torch.bool)
+    chars = torch.arange(4).expand(3, 4)
     return [
-        (LIBSSequenceLoss(max_cer=0.3), torch.randn(3, 6), (torch.randn(3, 6), cer)),
-        (LIBSContextLoss(max_cer=0.3), (torch.randn(3, 4, 6), m), (torch.randn(3, 4, 6), m, cer)),
-        (LIBSFrameLoss(6, 6, max_cer=0.3), (torch.randn(3, 4, 6), m), (torch.randn(3, 8, 6), m.repeat(1, 2), cer)),
+        (LIBSSequenceLoss(max_cer=0.3), torch.randn(3, 6), (torch.randn(3, 6), *hyp)),
+        (LIBSContextLoss(max_cer=0.3), (torch.randn(3, 4, 6), m), (torch.randn(3, 4, 6), chars, m, *hyp)),
+        (LIBSFrameLoss(6, 6, max_cer=0.3), (torch.randn(3, 4, 6), m), (torch.randn(3, 8, 6), m.repeat(1, 2), *hyp)),
     ]
 
 
 @pytest.mark.parametrize("case", range(3), ids=["sequence", "context", "frame"])
 def test_filtering_keeps_fraction_and_zeroes_gradients_over_threshold(case: int) -> None:
     loss, s, t = filtered_cases()[case]
-    assert loss.teacher_key[-1] == "audio.cer"
+    assert loss.teacher_key[-2:] == ["audio.hypothesis_chars", "audio.hypothesis_chars_mask"]
     feats = (s if isinstance(s, torch.Tensor) else s[0]).requires_grad_(True)
-    value = loss(feats if isinstance(s, torch.Tensor) else (feats, s[1]), t, {})
+    value = loss(feats if isinstance(s, torch.Tensor) else (feats, s[1]), t, {"transcript": [REFERENCE] * 3})
     assert loss.last_metrics["kept_fraction"].item() == pytest.approx(2 / 3)
     value.backward()
     assert feats.grad[1].abs().sum() == 0  # CER 0.5 > 0.3: no gradient
@@ -215,10 +240,12 @@ def test_filtering_keeps_fraction_and_zeroes_gradients_over_threshold(case: int)
 def test_filtered_sequence_loss_hand_computed_and_empty_batch() -> None:
     s, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [5.0, 5.0]])
     loss = LIBSSequenceLoss(max_cer=0.5)
-    assert loss(s, (target, torch.tensor([0.2, 0.9])), {}).item() == pytest.approx((1 + 4) / 2)  # only row 0 kept
+    batch = {"transcript": [REFERENCE] * 2}
+    value = loss(s, (target, *hypotheses_with_errors(2, 9)), batch)
+    assert value.item() == pytest.approx((1 + 4) / 2)  # CER 0.2 and 0.9: only row 0 kept
     assert LIBSSequenceLoss()(s, (target,), {}).item() == pytest.approx(((1 + 4) / 2 + 25) / 2)  # no filter
     s.requires_grad_(True)
-    none = loss(s, (target, torch.tensor([0.9, 0.9])), {})
+    none = loss(s, (target, *hypotheses_with_errors(9, 9)), batch)
     none.backward()
     assert none.item() == 0.0 and loss.last_metrics["kept_fraction"].item() == 0.0 and s.grad.abs().sum() == 0
 
@@ -227,7 +254,22 @@ def test_context_loss_hand_computed_with_masks() -> None:
     s = torch.zeros(1, 3, 2)
     t = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
     mask = torch.tensor([[True, True, False]])
-    assert LIBSContextLoss()((s, mask), (t, mask), {}).item() == pytest.approx((1 + 4) / 2)
+    assert LIBSContextLoss()((s, mask), (t, torch.tensor([[0, 1, 2]]), mask), {}).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_context_loss_gives_each_character_its_token_state() -> None:
+    # characters "ab c" held by tokens [" ab", " c"]: the teacher's per-character targets are [t0, t0, t1, t1]
+    tokens = torch.tensor([[[1.0], [3.0]]])
+    char_token, mask = torch.tensor([[0, 0, 1, 1, 0]]), torch.tensor([[True, True, True, True, False]])
+    assert torch.equal(char_vectors(tokens, char_token, mask), torch.tensor([[[1.0], [1.0], [3.0], [3.0], [0.0]]]))
+    s = torch.zeros(1, 5, 1)
+    value = LIBSContextLoss()((s, torch.ones(1, 5, dtype=torch.bool)), (tokens, char_token, mask), {})
+    assert value.item() == pytest.approx((1 + 1 + 9 + 9) / 4)
+
+
+def test_teacher_cer_of_the_hypotheses_against_the_transcripts() -> None:
+    cers = teacher_cer(*hypotheses_with_errors(0, 3, 10), ["ABCdefghij.", REFERENCE, REFERENCE])
+    assert cers.tolist() == pytest.approx([0.0, 0.3, 1.0])  # references are normalised first
 
 
 def test_distiller_logs_the_kept_fraction() -> None:

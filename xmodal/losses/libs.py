@@ -7,7 +7,12 @@
   :class:`FrameAligner` lets each video frame attend over the teacher's audio frames; the attended teacher feature
   becomes that frame's target (L2). ``alignment="interpolate"`` is the linear-time baseline.
 
-**Filtering.** With ``max_cer`` set, every term reads the teacher's own ``audio.cer`` and averages only over
+**What the losses derive.** The teacher exposes generic outputs only; what LIBS alone needs is computed here. The
+context term gathers per-character teacher vectors from the per-token decoder states (``audio.token_states``)
+through the character -> token map ``audio.char_token``. The teacher's own CER is the CER of its greedy hypothesis
+(``audio.hypothesis_chars``, Unicode code points) against ``batch["transcript"]``.
+
+**Filtering.** With ``max_cer`` set, every term computes the teacher's CER and averages only over
 samples whose CER is ``<= max_cer``; the others get zero weight, hence zero gradient. ``last_metrics`` holds the
 kept fraction, which the :class:`~xmodal.distiller.Distiller` logs as ``<stage>/<loss name>/kept_fraction``.
 Averaging over kept samples keeps the loss scale independent of how many survive; a batch with none kept gives
@@ -35,6 +40,7 @@ without the LIBS terms.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,10 +50,17 @@ from torch import Tensor, nn
 from xmodal.contracts import Batch, DistillLoss, Keys, key_list
 from xmodal.losses.features import make_projector
 from xmodal.losses.logits import HardLabelLoss
-from xmodal.losses.sequence import resample_to
-from xmodal.modalities.transcript import CharVocab, decoder_targets
+from xmodal.modalities.audio import resample_to
+from xmodal.modalities.transcript import (
+    CharVocab,
+    codepoints_to_texts,
+    decoder_targets,
+    normalize_transcript,
+    sentence_cer,
+)
 
 _VOCAB = CharVocab()
+HYPOTHESIS_KEYS = ("audio.hypothesis_chars", "audio.hypothesis_chars_mask")  # the filter's default
 
 
 def keep_weights(cer: Tensor | None, max_cer: float | None, batch: int, device: torch.device) -> Tensor:
@@ -68,23 +81,44 @@ def masked_sq_error(s: Tensor, t: Tensor, mask: Tensor) -> Tensor:
     return ((s - t) ** 2 * valid).sum((1, 2)) / (valid.sum((1, 2)) * s.shape[-1]).clamp(min=1.0)
 
 
+def teacher_cer(hypothesis: Tensor, mask: Tensor, transcripts: Sequence[str]) -> Tensor:
+    """Per-sample CER ``B`` of a teacher's hypotheses (code points ``B x C`` + bool mask) against the transcripts."""
+    hypotheses = codepoints_to_texts(hypothesis, mask)
+    cers = [sentence_cer(normalize_transcript(ref), hyp) for ref, hyp in zip(transcripts, hypotheses, strict=True)]
+    return torch.tensor(cers, dtype=torch.float32)
+
+
+def char_vectors(token_states: Tensor, char_token: Tensor, char_mask: Tensor) -> Tensor:
+    """Per-character vectors ``B x L x D``: each character gets the state of the token that holds it (0 at padding).
+
+    Args:
+        token_states: ``B x N x D``. char_token: int ``B x L``, the token index of each character. char_mask: ``B x L``.
+    """
+    index = char_token.long().clamp(min=0).to(token_states.device)
+    gathered = token_states.gather(1, index[..., None].expand(-1, -1, token_states.shape[-1]))
+    return gathered * char_mask.to(gathered.device)[..., None].to(gathered.dtype)
+
+
 class _FilteredLoss(DistillLoss):
     """Shared by the LIBS terms: a projector to the teacher width, the CER filter and ``last_metrics``."""
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None, teacher_dim: int | None,
-        max_cer: float | None, cer_key: str, weight: float, name: str | None,
+        max_cer: float | None, hypothesis_key: Keys, weight: float, name: str | None,
     ) -> None:
-        keys = key_list(teacher_key) + ([cer_key] if max_cer is not None else [])
+        self.n_hypothesis_keys = len(key_list(hypothesis_key)) if max_cer is not None else 0
+        keys = key_list(teacher_key) + (key_list(hypothesis_key) if max_cer is not None else [])
         super().__init__(student_key, keys, weight, name)
         self.max_cer = max_cer
         self.projector = make_projector(student_dim, teacher_dim)
         self.last_metrics: dict[str, Tensor] = {}
 
-    def split(self, t: tuple[Tensor, ...], batch_size: int, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Teacher tensors without the CER, and the per-sample keep weights (``kept_fraction`` is recorded)."""
-        cer = t[-1] if self.max_cer is not None else None
-        tensors = t[:-1] if self.max_cer is not None else t
+    def split(self, t: tuple[Tensor, ...], batch: Batch, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Teacher tensors without the hypothesis, and the per-sample keep weights (``kept_fraction`` is recorded)."""
+        n = self.n_hypothesis_keys
+        tensors = t[: len(t) - n]
+        batch_size = tensors[0].shape[0]
+        cer = teacher_cer(t[-2], t[-1], batch["transcript"]) if n else None
         keep = keep_weights(cer, self.max_cer, batch_size, device)
         self.last_metrics = {"kept_fraction": keep.mean().detach()}
         return tuple(tensors), keep
@@ -95,19 +129,20 @@ class LIBSSequenceLoss(_FilteredLoss):
 
     Args:
         student_key, teacher_key: the utterance vectors. student_dim, teacher_dim: widths (a linear projector
-            is learned when they differ). max_cer: filtering threshold (``None``: keep all). cer_key: the
-            teacher's per-sample CER ``B``. weight, name: as every :class:`DistillLoss`.
+            is learned when they differ). max_cer: filtering threshold (``None``: keep all). hypothesis_key: the
+            teacher's greedy hypotheses (code points ``B x C`` and mask), read only with ``max_cer``; their CER
+            against ``batch["transcript"]`` is the filter's. weight, name: as every :class:`DistillLoss`.
     """
 
     def __init__(
         self, student_key: Keys = "video.sequence", teacher_key: Keys = "audio.sequence",
         student_dim: int | None = None, teacher_dim: int | None = None, max_cer: float | None = None,
-        cer_key: str = "audio.cer", weight: float = 1.0, name: str | None = "libs_sequence",
+        hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_sequence",
     ) -> None:
-        super().__init__(student_key, teacher_key, student_dim, teacher_dim, max_cer, cer_key, weight, name)
+        super().__init__(student_key, teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight, name)
 
     def forward(self, s: Tensor, t: tuple[Tensor, ...], batch: Batch) -> Tensor:
-        (target,), keep = self.split(t, s.shape[0], s.device)
+        (target,), keep = self.split(t, batch, s.device)
         per_sample = ((self.projector(s.float()) - target.detach().float()) ** 2).mean(-1)
         return kept_mean(per_sample, keep)
 
@@ -116,21 +151,24 @@ class LIBSContextLoss(_FilteredLoss):
     """Context level: L2 between decoder context vectors, per character.
 
     Reads ``student_key = [video.context B x L x Ds, video.context_mask B x L]`` and ``teacher_key =
-    [audio.context B x L' x Dt, audio.context_mask B x L']``; positions beyond ``min(L, L')`` or masked on either
-    side are ignored. Arguments as :class:`LIBSSequenceLoss`.
+    [audio.token_states B x N x Dt, audio.char_token B x L', audio.char_token_mask B x L']``: the teacher's
+    per-token decoder states and, per character, the token that holds it (:func:`char_vectors`); positions beyond
+    ``min(L, L')`` or masked on either side are ignored. Arguments as :class:`LIBSSequenceLoss`.
     """
 
     def __init__(
         self, student_key: Keys = ("video.context", "video.context_mask"),
-        teacher_key: Keys = ("audio.context", "audio.context_mask"), student_dim: int | None = None,
-        teacher_dim: int | None = None, max_cer: float | None = None, cer_key: str = "audio.cer",
-        weight: float = 1.0, name: str | None = "libs_context",
+        teacher_key: Keys = ("audio.token_states", "audio.char_token", "audio.char_token_mask"),
+        student_dim: int | None = None, teacher_dim: int | None = None, max_cer: float | None = None,
+        hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_context",
     ) -> None:
-        super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, cer_key, weight, name)
+        super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight,
+                         name)
 
     def forward(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         s_ctx, s_mask = s
-        (t_ctx, t_mask), keep = self.split(t, s_ctx.shape[0], s_ctx.device)
+        (t_states, t_char, t_mask), keep = self.split(t, batch, s_ctx.device)
+        t_ctx = char_vectors(t_states, t_char, t_mask)
         n = min(s_ctx.shape[1], t_ctx.shape[1])
         mask = s_mask[:, :n].bool() & t_mask[:, :n].bool().to(s_mask.device)
         per_sample = masked_sq_error(self.projector(s_ctx[:, :n].float()), t_ctx[:, :n].detach().float(), mask)
@@ -217,7 +255,7 @@ class LIBSFrameLoss(_FilteredLoss):
         coverage_weight: weight of :func:`coverage_penalty`, which keeps a few audio frames from taking all the
             attention (0: off); its value is logged as ``<name>/coverage``.
         detach_query: build queries from detached student features (see the module docstring).
-        max_cer, cer_key, weight, name: as :class:`LIBSSequenceLoss`.
+        max_cer, hypothesis_key, weight, name: as :class:`LIBSSequenceLoss`.
     """
 
     def __init__(
@@ -226,9 +264,10 @@ class LIBSFrameLoss(_FilteredLoss):
         alignment: Literal["attention", "interpolate"] = "attention", attn_dim: int = 64,
         prior_sigma: float | None = 0.1, temperature: float = 1.0, max_offset: float | None = 0.1,
         coverage_weight: float = 0.1, detach_query: bool = True, max_cer: float | None = None,
-        cer_key: str = "audio.cer", weight: float = 1.0, name: str | None = "libs_frame",
+        hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_frame",
     ) -> None:
-        super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, cer_key, weight, name)
+        super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight,
+                         name)
         if alignment not in ("attention", "interpolate"):
             raise ValueError(f"alignment must be 'attention' or 'interpolate', got {alignment!r}")
         self.alignment = alignment
@@ -247,7 +286,7 @@ class LIBSFrameLoss(_FilteredLoss):
 
     def forward(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         s_feat, s_mask = s
-        (t_feat, t_mask), keep = self.split(t, s_feat.shape[0], s_feat.device)
+        (t_feat, t_mask), keep = self.split(t, batch, s_feat.device)
         weights = self.attention(s_feat, s_mask, t_feat, t_mask)
         self.last_attention = weights.detach()
         target = torch.bmm(weights, t_feat.detach().float())

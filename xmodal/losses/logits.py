@@ -8,6 +8,7 @@ detached, so gradients reach only the student even when a teacher tensor carries
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,3 +256,20 @@ class HardLabelLoss(DistillLoss):
             ce = ce * weights
         valid = (labels != self.ignore_index).sum().clamp(min=1)
         return ce.sum() / valid
+
+
+class TokenCrossEntropyLoss(HardLabelLoss):
+    """Cross-entropy of token logits ``B x N x V`` against targets ``B x N`` that the model itself produced
+    (``-100`` ignored): ``student_key = [audio.token_logits, audio.token_targets]`` (the Whisper adaptation of
+    :class:`~xmodal.students.asr.WhisperASR`)."""
+
+    def __init__(
+        self, student_key: Keys = ("audio.token_logits", "audio.token_targets"), label_smoothing: float = 0.0,
+        weight: float = 1.0, name: str | None = "token_ce",
+    ) -> None:
+        super().__init__(list(student_key), label_key="token_targets", label_smoothing=label_smoothing,
+                         weight=weight, name=name)
+
+    def forward(self, s: tuple[Tensor, Tensor], t: Any, batch: Batch) -> Tensor:  # type: ignore[override]
+        logits, targets = s
+        return super().forward(logits, None, {self.label_key: targets})

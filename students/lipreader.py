@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from xmodal.checkpoint import state_dict_digest
 from xmodal.contracts import Batch, Outputs, Student, Teacher, freeze, to_float_image
 from xmodal.modalities.audio import (
     INT16_SCALE,
@@ -394,8 +395,6 @@ class LipReaderAudioTeacher(nn.Module, Teacher):
         }
 
     def manifest(self) -> dict[str, Any]:
-        from xmodal.teachers.common import state_dict_sha256
-
         return {"teacher": type(self).__name__, "checkpoint": self.checkpoint,
-                "weights_sha256": state_dict_sha256(self.model), "preprocessing": {"sample_rate": 16000},
+                "weights_sha256": state_dict_digest(self.model.state_dict()), "preprocessing": {"sample_rate": 16000},
                 "output_keys": list(self.output_keys)}

@@ -1,4 +1,5 @@
-"""A trained :class:`~xmodal.students.bev.BEVDetector` (LiDAR, camera or fusion), frozen, as a UniDistill teacher.
+"""A trained :class:`~xmodal.modalities.bev_detector.BEVDetector` (LiDAR, camera or fusion), frozen, as a
+UniDistill teacher.
 
 The weights are read once, in the constructor, from a local path; the teacher then returns the detector's own
 outputs (``bev.feat``, ``bev.heatmap``, ``bev.reg``) for every batch.
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs, freeze
-from xmodal.students.bev import BEVDetector, FeatLayer
+from xmodal.modalities.bev_detector import BEVDetector, FeatLayer
 from xmodal.teachers.common import state_dict_sha256
 
 

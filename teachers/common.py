@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import torch
 from torch import nn
+
+from xmodal.checkpoint import state_dict_digest
 
 
 def state_dict_sha256(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict: names, dtypes, shapes and raw bytes, in sorted name order.
+    """SHA-256 over a module's state dict: names, dtypes, shapes and raw bytes, in sorted name order
+    (:func:`~xmodal.checkpoint.state_dict_digest`).
 
     Two modules hash equal exactly when their state dicts hold the same tensors; the hash does not depend on
     the device or on parameter registration order.
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_dict_digest(module.state_dict())

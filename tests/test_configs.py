@@ -61,6 +61,14 @@ def test_tiny_config_fast_dev_run(config: Path, workspace: Path, monkeypatch: py
     trainers = record_fits(monkeypatch)
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
     assert_one_finite_step(trainers)
+    assert set(TASK_METRICS.get(config.stem, ())) <= set(trainers[0].callback_metrics)
+
+
+TASK_METRICS = {  # what each tiny recipe's val_metrics log in validation
+    "clip_distill": ("val/zeroshot_top1", "val/zeroshot_top5", "val/i2t_R@1", "val/t2i_R@10"),
+    "lipreading": ("val/cer", "val/wer"),
+    "lipreading_mixspeech": ("val/cer", "val/wer"),
+}
 
 
 def test_cached_teacher_gives_the_live_loss(workspace: Path) -> None:

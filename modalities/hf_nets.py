@@ -26,4 +26,5 @@ def build_model(model: str | None, config: dict[str, Any] | None, model_class: s
     hf_config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls.from_config(hf_config)
+        # Auto classes build through from_config; a concrete class (WhisperForConditionalGeneration) is the builder
+        return cls.from_config(hf_config) if hasattr(cls, "from_config") else cls(hf_config)

@@ -155,6 +155,47 @@ def test_cached_batches_mix_lengths_and_match_the_live_teacher(speech_cache: tup
     assert seen == len(SECONDS)
 
 
+def test_a_cached_whisper_teacher_serves_its_generic_outputs(tmp_path: Path) -> None:
+    """Token ids, the character -> token map and the hypotheses survive the cache as integers, and the LIBS losses
+    (which derive the per-character context and the CER filter from them) give the live teacher's values."""
+    from tests.test_whisper_teacher import write_tiny_tokenizer
+    from xmodal.teachers.whisper import WhisperTeacher
+
+    tokens = write_tiny_tokenizer(tmp_path)
+    config = {"model_type": "whisper", "vocab_size": 48, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
+              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 32,
+              "decoder_ffn_dim": 32, "max_target_positions": 64, "decoder_start_token_id": tokens["sot"],
+              "eos_token_id": tokens["eos"], "pad_token_id": tokens["eos"], "bos_token_id": tokens["eos"]}
+    teacher = WhisperTeacher(config=config, tokenizer=str(tmp_path / "tokenizer.json"), seconds=2.0,
+                             suppress_ids=[], suppress_ids_begin=[], max_new_tokens=4)
+    samples = [{"__key__": f"utt{i:02d}", "flac": flac_bytes(s, i), "txt": text}
+               for i, (s, text) in enumerate(zip(SECONDS, TEXTS, strict=True))]
+    write_shards(samples, tmp_path / "raw", "train")
+    cache_teacher(teacher, modalities(), str(tmp_path / "raw" / "train-*.tar"), tmp_path / "cache", batch_size=4)
+    cached = CachedTeacher(str(tmp_path / "cache"), teacher)
+    losses = [LIBSContextLoss(student_dim=16, teacher_dim=16, max_cer=2.0),
+              LIBSFrameLoss(student_dim=16, teacher_dim=16, alignment="interpolate", max_cer=2.0)]
+    for batch in make_pipeline(str(tmp_path / "cache" / "train-*.tar"), modalities(), batch_size=3, train=False):
+        batch = prepare_on_device(batch, modalities(), train=False)
+        served, live = cached(batch), teacher(batch)
+        assert set(served) == set(live) == set(teacher.output_keys)
+        for key in ("audio.token_ids", "audio.char_token", "audio.hypothesis_ids", "audio.hypothesis_chars"):
+            mask = live[key + "_mask"]
+            assert torch.equal(served[key + "_mask"], mask), key
+            assert torch.equal(served[key].long() * mask, live[key] * mask), key
+        student = {"video.context": torch.randn(*live["audio.char_token"].shape, 16),
+                   "video.context_mask": live["audio.char_token_mask"],
+                   "video.frames": torch.randn(len(batch["transcript"]), 20, 16),
+                   "video.frames_mask": torch.ones(len(batch["transcript"]), 20, dtype=torch.bool)}
+        for loss in losses:
+            s, t_served = loss.select(student, served)
+            cached_value = loss(s, t_served, batch)
+            kept = loss.last_metrics["kept_fraction"]
+            live_value = loss(s, loss.select(student, live)[1], batch)
+            assert torch.allclose(cached_value, live_value, rtol=1e-3), loss.name
+            assert torch.equal(kept, loss.last_metrics["kept_fraction"])
+
+
 def audio_front_ends() -> dict[str, Any]:
     from xmodal.modalities.audio import AudioEncoder
     from xmodal.students.lipreader import AudioFrontend

@@ -92,6 +92,9 @@ def _valid_lengths(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     lengths = {}
     for key, mask in arrays.items():
         if key.endswith(MASK_SUFFIX) and mask.dtype == np.bool_ and mask.ndim == 2:
+            if mask.shape[1] == 0:  # e.g. a batch whose hypotheses are all empty
+                lengths[key.removesuffix(MASK_SUFFIX)] = np.zeros(mask.shape[0], dtype=np.int64)
+                continue
             last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
             lengths[key.removesuffix(MASK_SUFFIX)] = np.where(mask.any(axis=1), last, 0)
     return lengths

@@ -10,7 +10,7 @@ does not match the configured teacher. Outputs are computed on the un-augmented 
 evaluation transform), so a cache is only valid for training without teacher-side augmentation.
 
 Variable-length outputs are stored trimmed: an output ``<key>`` with a bool ``<key>_mask`` (``B x T``), such as a
-speech teacher's ``audio.frames`` or ``audio.context``, keeps each sample's positions up to its last valid one, and
+speech teacher's ``audio.frames`` or ``audio.token_states``, keeps each sample's positions up to its last valid one, and
 the loader zero-pads them back to the longest in the batch (:func:`~xmodal.data.decoders.pad_stack`; masks pad with
 ``False``). Other outputs of varying size are zero-padded too, so a padded integer output reads 0 past its end.
 

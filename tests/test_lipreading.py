@@ -270,6 +270,8 @@ def test_context_loss_gives_each_character_its_token_state() -> None:
 def test_teacher_cer_of_the_hypotheses_against_the_transcripts() -> None:
     cers = teacher_cer(*hypotheses_with_errors(0, 3, 10), ["ABCdefghij.", REFERENCE, REFERENCE])
     assert cers.tolist() == pytest.approx([0.0, 0.3, 1.0])  # references are normalised first
+    texts = ["café привет", "", "x"]
+    assert codepoints_to_texts(*texts_to_codepoints(texts)) == texts  # any script survives the tensor form
 
 
 def test_distiller_logs_the_kept_fraction() -> None:

@@ -184,3 +184,63 @@ def test_base2novel_accuracy_equals_base2novel_metrics(tied: bool) -> None:
         metric.update(logits[part], labels[part])
     got, want = metric.compute(), base2novel_metrics(logits, labels, split)
     assert got.keys() == want.keys() and all(close(got[k], want[k]) for k in want)
+
+
+def ddp_worker(rank: int, world: int, port: int, results: Any) -> None:
+    """One gloo rank: update every metric with its half of the data; rank 0 reports the synced values."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        values = computed_on(halves(rank))
+        if rank == 0:
+            results.put(values)
+    finally:
+        dist.destroy_process_group()
+
+
+def halves(rank: int | None) -> dict[str, Any]:
+    """Rank 0's or rank 1's share of one data set (uneven), or all of it (``None``), in rank order."""
+    gen = torch.Generator().manual_seed(7)
+    logits, labels = torch.randn(50, 9, generator=gen), torch.randint(0, 9, (50,), generator=gen)
+    images, texts = torch.randn(50, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    refs, hyps = transcripts(50, 7)
+    captions = [f"shape {i % 7}" for i in range(50)]
+    preds, truths = random_detections(20, 7)
+    data: dict[str, Any] = {"logits": logits, "labels": labels, "images": images, "texts": texts, "refs": refs,
+                            "hyps": hyps, "captions": captions, "preds": preds, "truths": truths}
+    cut = {k: 8 if k in ("preds", "truths") else 21 for k in data}
+    if rank is None:
+        return data
+    return {k: v[: cut[k]] if rank == 0 else v[cut[k]:] for k, v in data.items()}
+
+
+def computed_on(data: dict[str, Any]) -> dict[str, float]:
+    top, recall, same_text = TopKAccuracy(), RetrievalRecall(), RetrievalRecall()
+    char, det = TranscriptCER(), DetectionMAP(["car", "pedestrian", "barrier"])
+    b2n = Base2NovelAccuracy(make_split([f"c{i}" for i in range(9)]))
+    top.update(data["logits"], data["labels"])
+    b2n.update(data["logits"], data["labels"])
+    recall.update(data["images"], data["texts"])
+    same_text.update(data["images"], data["texts"], captions=data["captions"])
+    char.update(data["hyps"], data["refs"])
+    det.update(data["preds"], data["truths"])
+    detection = det.compute()
+    return {**{k: float(v) for k, v in {**top.compute(), **recall.compute(), **b2n.compute()}.items()},
+            **{f"same_text_{k}": float(v) for k, v in same_text.compute().items()},
+            "cer": float(char.compute()), "mAP": detection["mAP"], "NDS": detection["NDS"]}
+
+
+def test_metrics_sync_across_ddp_ranks() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(ddp_worker, args=(2, port, results), nprocs=2, join=True, start_method="spawn")
+    synced, alone = results.get(), computed_on(halves(None))
+    assert synced.keys() == alone.keys() and all(close(synced[k], alone[k]) for k in alone), (synced, alone)

@@ -99,7 +99,7 @@ class RetrievalRecall(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         image_emb, text_emb = dim_zero_cat(self.image_emb), dim_zero_cat(self.text_emb)
-        if self.caption_ids:
+        if len(self.caption_ids) > 0:  # a list, or one tensor once synced across ranks
             ids = dim_zero_cat(self.caption_ids)
             if ids.shape[0] != text_emb.shape[0]:
                 raise ValueError("captions were given to some updates and not to others")
@@ -210,7 +210,7 @@ class DetectionMAP(Metric):
 
     def samples(self) -> tuple[list[Detections], list[Detections]]:
         """The accumulated predictions and ground truth, one dict per sample (CPU)."""
-        if not self.counts:
+        if len(self.counts) == 0:  # a list, or one tensor once synced across ranks
             return [], []
         counts = dim_zero_cat(self.counts).view(-1, 3).cpu()
         pred_rows = dim_zero_cat(self.pred_rows).view(-1, 9).cpu().split(counts[:, 0].tolist())

@@ -106,20 +106,19 @@ class _FilteredLoss(DistillLoss):
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None, teacher_dim: int | None,
         max_cer: float | None, hypothesis_key: Keys, weight: float, name: str | None,
     ) -> None:
-        self.n_hypothesis_keys = len(key_list(hypothesis_key)) if max_cer is not None else 0
-        keys = key_list(teacher_key) + (key_list(hypothesis_key) if max_cer is not None else [])
-        super().__init__(student_key, keys, weight, name)
+        hypothesis = key_list(hypothesis_key) if max_cer is not None else []
+        if len(hypothesis) not in (0, 2):
+            raise ValueError(f"hypothesis_key must name [code points, mask], got {hypothesis_key!r}")
+        super().__init__(student_key, key_list(teacher_key) + hypothesis, weight, name)
         self.max_cer = max_cer
         self.projector = make_projector(student_dim, teacher_dim)
         self.last_metrics: dict[str, Tensor] = {}
 
     def split(self, t: tuple[Tensor, ...], batch: Batch, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
         """Teacher tensors without the hypothesis, and the per-sample keep weights (``kept_fraction`` is recorded)."""
-        n = self.n_hypothesis_keys
-        tensors = t[: len(t) - n]
-        batch_size = tensors[0].shape[0]
-        cer = teacher_cer(t[-2], t[-1], batch["transcript"]) if n else None
-        keep = keep_weights(cer, self.max_cer, batch_size, device)
+        tensors = t[:-2] if self.max_cer is not None else t
+        cer = teacher_cer(t[-2], t[-1], batch["transcript"]) if self.max_cer is not None else None
+        keep = keep_weights(cer, self.max_cer, tensors[0].shape[0], device)
         self.last_metrics = {"kept_fraction": keep.mean().detach()}
         return tuple(tensors), keep
 

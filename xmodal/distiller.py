@@ -217,7 +217,12 @@ class Distiller(L.LightningModule):
 
     def _log_tasks(self, stage: str) -> None:
         """Log each task metric's epoch values (``compute`` has already reduced them over DDP ranks)."""
-        if self._metric_batches == 0:
+        if not self.tasks:
+            return
+        # Every rank decides alike (compute is a collective): skip only when no rank saw a batch.
+        batches = self.trainer.strategy.reduce(torch.tensor(float(self._metric_batches), device=self.device),
+                                               reduce_op="sum")
+        if float(batches) == 0:
             return
         for task in self.tasks:
             for name, value in task.compute().items():

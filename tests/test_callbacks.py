@@ -1,4 +1,4 @@
-"""Callbacks: the zero-shot learning-curve probe."""
+"""Callbacks: the zero-shot learning-curve probe; every callback lives in xmodal.callbacks."""
 
 from __future__ import annotations
 
@@ -42,3 +42,16 @@ def test_zero_shot_probe_records_the_learning_curve(shapes_dir: Path, tmp_path: 
 def test_zero_shot_probe_rejects_a_zero_interval(shapes_dir: Path) -> None:
     with pytest.raises(ValueError, match="every_n_steps"):
         ZeroShotProbe(str(shapes_dir / "test-*.tar"), str(shapes_dir / "classes.json"), 16, every_n_steps=0)
+
+
+def test_every_callback_is_in_xmodal_callbacks_and_none_in_the_losses() -> None:
+    import xmodal.callbacks
+    import xmodal.losses
+
+    callbacks = {name for name, value in vars(xmodal.callbacks).items()
+                 if isinstance(value, type) and issubclass(value, L.Callback)
+                 and value.__module__ == "xmodal.callbacks"}
+    assert {"ExportStudent", "ZeroShotProbe", "AugmentBatch", "HARDCallback", "TGeoKDMetaCallback",
+            "MixSpeechSchedule"} <= callbacks
+    assert not [name for name, value in vars(xmodal.losses).items()
+                if isinstance(value, type) and issubclass(value, L.Callback)]

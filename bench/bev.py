@@ -40,13 +40,10 @@ from typing import Any
 import torch
 import yaml
 
-from bench.clip_compression import rewrite
-from bench.lipreading import scale_schedule
-from bench.losses import machine_info
+from bench import harness
+from bench.harness import Run
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs" / "bev"
-RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = harness.CONFIGS / "bev"
 RECIPE_DATA = "runs/data/bev-small"
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -79,13 +76,8 @@ def plan(rows: Sequence[str]) -> list[str]:
 
 def ensure_corpus(data: Path, smoke: bool) -> None:
     """Build bev-scenes in ``data`` (``small``, or a tiny one with ``smoke``) unless its ``meta.json`` is there."""
-    if (data / "meta.json").is_file():
-        return
-    from xmodal.data.corpora import make_corpus
-
-    print(f"[bench] building bev-scenes in {data}")
     options: dict[str, Any] = dict(SMOKE_CORPUS, workers=1, preview=False) if smoke else {"size": "small"}
-    make_corpus("bev-scenes", data, seed=0, progress=not smoke, **options)
+    harness.ensure_corpus("bev-scenes", data, seed=0, progress=not smoke, **options)
 
 
 class Bench:
@@ -101,10 +93,9 @@ class Bench:
     def config(self, row: str, seed: int) -> Path:
         """Write the rewritten recipe of ``row`` for ``seed`` and return its path."""
         run, spec = f"{row}-seed{seed}", ROWS[row]
-        config: dict[str, Any] = rewrite(yaml.safe_load((CONFIGS / spec.recipe).read_text()),
-                                         {RECIPE_DATA: str(self.data)})
+        config = harness.load_recipe(CONFIGS / spec.recipe, {RECIPE_DATA: str(self.data)})
         config["seed_everything"] = seed
-        scale_schedule(config, self.args.teacher_steps if spec.trains_teacher else self.args.steps)
+        harness.scale_schedule(config, self.args.teacher_steps if spec.trains_teacher else self.args.steps)
         trainer = config["trainer"]
         trainer.update({"accelerator": ACCELERATOR[self.args.device], "limit_val_batches": 0,
                         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -112,8 +103,7 @@ class Bench:
         for callback in trainer["callbacks"]:
             if callback["class_path"].endswith("ExportStudent"):
                 callback["init_args"]["out_dir"] = str(self.export(row, seed))
-        trainer["callbacks"].append({"class_path": "bench.lipreading.StepTimer",
-                                     "init_args": {"out_json": str(self.work / "timers" / f"{run}.json")}})
+        trainer["callbacks"].append(harness.step_timer(self.work / "timers" / f"{run}.json"))
         if spec.teacher is not None:
             config["model"]["teacher"]["init_args"]["model"] = str(self.export(spec.teacher, seed))
         modality = config["data"]["modalities"][0]["init_args"]
@@ -121,24 +111,17 @@ class Bench:
             modality["image_size"] = self.image_size
         if self.args.smoke:
             config["data"].update({"batch_size": 2, "num_workers": 0})
-        path = self.work / "configs" / f"{run}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return harness.write_config(config, self.work / "configs" / f"{run}.yaml")
 
     def fit(self, row: str, seed: int) -> dict[str, Any]:
         """``xmodal fit`` one row; returns the config, wall seconds, steps and median step seconds."""
-        from xmodal.cli import main as xmodal_main
-
         run = f"{row}-seed{seed}"
         for stale in (self.work / "logs" / run, self.export(row, seed)):  # an interrupted run restarts
             shutil.rmtree(stale, ignore_errors=True)
         path = self.config(row, seed)
-        start = time.perf_counter()
-        xmodal_main(["fit", "--config", str(path)])
+        seconds = harness.fit(path)
         timer = json.loads((self.work / "timers" / f"{run}.json").read_text())
-        return {"config": str(path), "seconds": time.perf_counter() - start, "steps": timer["steps"],
-                "step_s": timer["median_step_s"]}
+        return {"config": str(path), "seconds": seconds, "steps": timer["steps"], "step_s": timer["median_step_s"]}
 
     def loader(self, config: Path, batch_size: int) -> tuple[Any, Any]:
         """The BEVModality of a written recipe and an in-order loader over the test split."""
@@ -150,7 +133,8 @@ class Bench:
 
     def evaluate(self, row: str, seed: int, config: Path) -> dict[str, Any]:
         """mAP, NDS, mATE/mASE/mAOE, AP per threshold and per-class AP of an exported model on the test split."""
-        from xmodal.eval.bev import evaluate_bev, load_detector
+        from xmodal.eval.bev import evaluate_bev
+        from xmodal.zoo.loading import load_detector
 
         model = load_detector(str(self.export(row, seed)))
         modality, loader = self.loader(config, 2 if self.args.smoke else 8)
@@ -166,7 +150,7 @@ class Bench:
         """Parameters and CPU ms per sample (one thread, batch 1, median of repeated ``predict`` calls)."""
         from xmodal.contracts import count_params
         from xmodal.data.wds import prepare_on_device
-        from xmodal.eval.bev import load_detector
+        from xmodal.zoo.loading import load_detector
 
         model: Any = load_detector(str(self.export(row, seed)))
         modality, loader = self.loader(config, 1)
@@ -195,24 +179,29 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             "corpus": {k: meta.get(k) for k in ("size", "counts", "image_size", "mean_points_per_scene")}}
 
 
-def load_previous(json_path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Runs and model costs of an earlier invocation with the same budget, data and smoke flag (else empty)."""
-    if not json_path.is_file():
-        return {}
-    previous = json.loads(json_path.read_text())
-    same = ("steps", "teacher_steps", "data", "smoke")
-    if all(previous.get("config", {}).get(k) == settings[k] for k in same):
-        return {k: previous.get(k, {}) for k in ("runs", "models")}
-    print(f"[bench] {json_path} has another budget or corpus: starting afresh")
-    return {}
+def same_budget(previous: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """An earlier invocation's runs are reused with the same budget, data and smoke flag."""
+    return all(previous.get("config", {}).get(k) == settings[k] for k in ("steps", "teacher_steps", "data", "smoke"))
 
 
-def must_run(bench: Bench, results: dict[str, Any], rows: Sequence[str], row: str, seed: int) -> bool:
+def must_run(bench: Bench, runs: dict[str, Any], rows: Sequence[str], run: Run) -> bool:
     """A run is done once it is in the results; a teacher is rerun when its export is gone and a student waits."""
-    if f"{row}/seed{seed}" not in results["runs"]:
+    if run.key not in runs:
         return True
-    waiting = [r for r in rows if ROWS[r].teacher == row and f"{r}/seed{seed}" not in results["runs"]]
-    return bool(waiting) and not (bench.export(row, seed) / "config.json").is_file()
+    waiting = [r for r in rows if ROWS[r].teacher == run.method and Run(r, run.seed).key not in runs]
+    return bool(waiting) and not (bench.export(run.method, run.seed) / "config.json").is_file()
+
+
+def run_row(bench: Bench, results: dict[str, Any], run: Run) -> dict[str, Any]:
+    """Train one row and score it; the first run of each model type also measures its cost."""
+    train = bench.fit(run.method, run.seed)
+    config = Path(train["config"])
+    entry = {"row": run.method, "seed": run.seed, "export": str(bench.export(run.method, run.seed)), "train": train,
+             "eval": bench.evaluate(run.method, run.seed, config)}
+    kind = model_type(run.method)
+    if kind not in results["models"]:
+        results["models"][kind] = bench.cost(run.method, run.seed, config)
+    return entry
 
 
 def model_type(row: str) -> str:
@@ -246,26 +235,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = plan(args.rows)
     json_path = args.out.with_suffix(".json")
     settings = settings_of(args)
-    results: dict[str, Any] = {"config": settings, "machine": machine_info(), "runs": {}, "models": {}}
-    results.update(load_previous(json_path, settings))
+    results: dict[str, Any] = {"config": settings, "machine": harness.machine_info(), "runs": {}, "models": {}}
+    results.update(harness.resume(json_path, lambda previous: same_budget(previous, settings), ["runs", "models"]))
 
     def save() -> None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1))
+        harness.save_json(results, json_path)
 
-    for seed in args.seeds:
-        for row in rows:
-            if not must_run(bench, results, rows, row, seed):
-                continue
-            print(f"[bench] {row}/seed{seed}")
-            train = bench.fit(row, seed)
-            config = Path(train["config"])
-            results["runs"][f"{row}/seed{seed}"] = {"row": row, "seed": seed, "export": str(bench.export(row, seed)),
-                                                    "train": train, "eval": bench.evaluate(row, seed, config)}
-            kind = model_type(row)
-            if kind not in results["models"]:
-                results["models"][kind] = bench.cost(row, seed, config)
-            save()
+    harness.run_pending(harness.plan(rows, args.seeds, seed_major=True), results["runs"],
+                        lambda run: run_row(bench, results, run), save,
+                        pending=lambda run: must_run(bench, results["runs"], rows, run))
     save()
     print(f"[bench] wrote {json_path} and {write_report(results, args.out)}")
     return results
@@ -281,7 +259,7 @@ def finish_defaults(args: argparse.Namespace) -> None:
         args.out = args.out or args.work / "bev"
     args.work = args.work or Path("runs/bench/bev")
     args.data = args.data or Path(RECIPE_DATA)
-    args.out = args.out or RESULTS / "bev"
+    args.out = args.out or harness.RESULTS / "bev"
 
 
 if __name__ == "__main__":

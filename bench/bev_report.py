@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.lipreading_report import SMOKE_BANNER, format_pm, mean_std
+from bench.report import SMOKE_BANNER, format_pm
+from bench.stats import Paired, mean_std, paired, seed_values, verdict
 
 PAPER_GAIN = (2.0, 3.2)  # UniDistill (CVPR 2023): mAP and NDS gains of its students on nuScenes, points
 LABELS: dict[str, str] = {
@@ -33,20 +34,9 @@ NDS_NOTE = ("NDS here is nuScenes' formula over the three TP errors that exist (
             "(`xmodal/eval/bev.py`).")
 
 
-def seed_values(runs: Mapping[str, Any], row: str, metric: str) -> dict[int, float]:
-    """``{seed: value}`` of one eval metric over the finished runs ``"<row>/seed<k>"``."""
-    values = {}
-    for key, run in runs.items():
-        name, _, seed = key.partition("/seed")
-        value = run.get("eval", {}).get(metric)
-        if name == row and value is not None:
-            values[int(seed)] = float(value)
-    return values
-
-
 def over_seeds(runs: Mapping[str, Any], row: str, metric: str) -> tuple[float, float] | None:
     """Mean ± std of a metric over a row's seeds (``None`` when no run has it)."""
-    values = list(seed_values(runs, row, metric).values())
+    values = list(seed_values(runs, row, "eval", metric).values())
     return mean_std(values) if values else None
 
 
@@ -60,24 +50,16 @@ def baseline_of(row: str, config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def paired_gain(runs: Mapping[str, Any], row: str, base: str, metric: str) -> tuple[tuple[float, float], int] | None:
-    """Mean ± std over seeds of ``metric(row) - metric(base)`` (same seed), and the number of pairs."""
-    ours, theirs = seed_values(runs, row, metric), seed_values(runs, base, metric)
-    seeds = sorted(set(ours) & set(theirs))
-    if not seeds:
-        return None
-    return mean_std([ours[s] - theirs[s] for s in seeds]), len(seeds)
+def paired_gain(runs: Mapping[str, Any], row: str, base: str, metric: str, scale: float = 1.0) -> Paired | None:
+    """``scale * (metric(row) - metric(base))`` paired by seed (:func:`bench.stats.paired`)."""
+    return paired(seed_values(runs, row, "eval", metric), seed_values(runs, base, "eval", metric), scale)
 
 
-def gain_verdict(metric: str, gain: float, spread: float, n: int) -> str:
-    """A one-line reading of a paired gain (points) against UniDistill's +2.0 to 3.2 points."""
+def gain_verdict(metric: str, diff: Paired) -> str:
+    """A one-line reading of a paired gain (points) against UniDistill's +2.0 to 3.2 points, with the harness's
+    verdict on seed noise (:func:`bench.stats.verdict`)."""
     low, high = PAPER_GAIN
-    if n < 2:
-        noise = "a single seed, so no estimate of seed noise"
-    elif abs(gain) <= spread:
-        noise = f"within seed noise (paired std {spread:.2f})"
-    else:
-        noise = f"larger than the paired std ({spread:.2f}) over {n} seeds"
+    gain = diff.mean
     if round(gain, 2) == 0:
         where = "no change (0.00 points)"
     elif gain < 0:
@@ -88,7 +70,7 @@ def gain_verdict(metric: str, gain: float, spread: float, n: int) -> str:
         where = f"a gain of {gain:.2f} points, within the paper's {low}-{high}"
     else:
         where = f"a gain of {gain:.2f} points, above the paper's {low}-{high}"
-    return f"{metric}: {where}; {noise}"
+    return f"{metric}: {where}; {verdict(diff)}"
 
 
 def main_table(results: Mapping[str, Any], rows: Sequence[str]) -> list[str]:
@@ -97,7 +79,7 @@ def main_table(results: Mapping[str, Any], rows: Sequence[str]) -> list[str]:
     lines = ["| row | model | seeds | mAP | NDS | mATE (m) | mASE | mAOE (rad) | vs | Δ mAP | Δ NDS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        maps = seed_values(runs, row, "mAP")
+        maps = seed_values(runs, row, "eval", "mAP")
         if not maps:
             continue
         cells = [format_pm(over_seeds(runs, row, m)) for m in ("mAP", "NDS")]
@@ -105,7 +87,7 @@ def main_table(results: Mapping[str, Any], rows: Sequence[str]) -> list[str]:
         base = baseline_of(row, config)
         gains = [paired_gain(runs, row, base, m) if base else None for m in ("mAP", "NDS")]
         vs = LABELS[base] if base and gains[0] else "–"
-        cells += [vs] + [format_pm(g[0], sign=True) if g else "–" for g in gains]
+        cells += [vs] + [format_pm((g.mean, g.std), sign=True) if g else "–" for g in gains]
         lines.append(f"| {LABELS.get(row, row)} | {MODEL.get(row, 'camera')} | {len(maps)} | {' | '.join(cells)} |")
     return lines
 
@@ -150,12 +132,11 @@ def comparison_lines(results: Mapping[str, Any]) -> list[str]:
              "corpus with small detectors and a short budget, so only the direction and rough size can be compared."]
     readings = []
     for metric in ("mAP", "NDS"):
-        gain = paired_gain(runs, "unidistill_all", "camera_alone", metric)
+        gain = paired_gain(runs, "unidistill_all", "camera_alone", metric, scale=100.0)
         if gain is None:
             readings.append(f"{metric}: not measured (no seed has both rows)")
         else:
-            (mean, std), n = gain
-            readings.append(gain_verdict(metric, 100 * mean, 100 * std, n))
+            readings.append(gain_verdict(metric, gain))
     return lines + [""] + [f"- {r}." for r in readings]
 
 

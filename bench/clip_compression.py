@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "clip_compression"
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness
+from bench.clip_compression_report import check_teacher, measure_latency, report
+from bench.harness import Run
+
+CONFIGS = harness.CONFIGS / "clip_compression"
 METHODS: dict[str, str] = {
     "scratch": "student_baseline.yaml",
     "feature": "student_feature.yaml",
@@ -54,23 +54,11 @@ METHODS: dict[str, str] = {
     "affinity+auto": "stages/compress_progressive.yaml",
     "dcd": "student_dcd.yaml",
 }
-CORPUS_SIZES = {"shapes": {"n_train": 20000, "n_val": 1000, "n_test": 2000}, "digits": {"n_train": 20000}}
+CORPUS_SIZES: dict[str, dict[str, Any]] = {"shapes": {"n_train": 20000, "n_val": 1000, "n_test": 2000},
+                                           "digits": {"n_train": 20000}}
 # teacher.yaml was tuned on shapes; at its lr (2e-3) the digits teacher never left chance (loss 4.4 after 1000 steps,
 # 10% zero-shot), while the students learn digits at 1e-3.
 TEACHER_OPTIMIZER = {"digits": {"lr": 0.001}}
-TEACHER_MIN_ZEROSHOT = 0.2  # well above chance on both corpora (shapes and digits have 10 classes each at most)
-
-
-def rewrite(value: Any, mapping: dict[str, str]) -> Any:
-    """Replace path prefixes in every string of a nested config (one pass, longest prefix first)."""
-    if isinstance(value, str):
-        pattern = "|".join(re.escape(old) for old in sorted(mapping, key=len, reverse=True))
-        return re.sub(pattern, lambda match: mapping[match.group()], value) if mapping else value
-    if isinstance(value, dict):
-        return {k: rewrite(v, mapping) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rewrite(v, mapping) for v in value]
-    return value
 
 
 class Corpus:
@@ -83,36 +71,16 @@ class Corpus:
         self.mapping = {"runs/data/shapes": str(self.data), "runs/demo": str(self.work)}
 
     def load(self, config: str) -> dict[str, Any]:
-        return dict(rewrite(yaml.safe_load((CONFIGS / config).read_text()), self.mapping))
+        return harness.load_recipe(CONFIGS / config, self.mapping)
 
     def write(self, config: dict[str, Any], name: str) -> Path:
-        path = self.work / "configs" / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return harness.write_config(config, self.work / "configs" / f"{name}.yaml")
 
     def probe(self, run: str, every: int) -> dict[str, Any]:
         return {"class_path": "xmodal.callbacks.ZeroShotProbe",
                 "init_args": {"shards": str(self.data / "test-*.tar"), "classes": str(self.data / "classes.json"),
                               "image_size": 32, "every_n_steps": every,
                               "out_json": str(self.work / "probes" / f"{run}.json")}}
-
-
-def ensure_corpus(corpus: Corpus) -> None:
-    from xmodal.data.corpora import make_corpus
-
-    if (corpus.data / "meta.json").is_file():
-        return
-    print(f"[bench] building {corpus.name} in {corpus.data}")
-    make_corpus(corpus.name, corpus.data, seed=0, image_size=32, **CORPUS_SIZES[corpus.name])
-
-
-def fit(config_path: Path) -> float:
-    from xmodal.cli import main as xmodal_main
-
-    start = time.perf_counter()
-    xmodal_main(["fit", "--config", str(config_path)])
-    return time.perf_counter() - start
 
 
 def ensure_teacher(corpus: Corpus, reuse: Path | None = None) -> float | None:
@@ -137,77 +105,61 @@ def ensure_teacher(corpus: Corpus, reuse: Path | None = None) -> float | None:
         shutil.rmtree(corpus.work / "teacher_cache", ignore_errors=True)
         return None
     print(f"[bench] training the {corpus.name} teacher")
-    seconds = fit(path)
-    check_teacher(corpus)
+    seconds = harness.fit(path)
+    check_teacher(corpus.name, corpus.work / "teacher", corpus.data)
     stamp.write_text(digest)
     shutil.rmtree(corpus.work / "teacher_cache", ignore_errors=True)
     return seconds
 
 
-def check_teacher(corpus: Corpus) -> None:
-    """Refuse to distil from a teacher that did not learn: its students' rows would measure nothing."""
-    from xmodal.demo import evaluate
-    from xmodal.zoo import create_model
-
-    top1 = evaluate(create_model(str(corpus.work / "teacher")), corpus.data, 32)["zeroshot_top1"]
-    print(f"[bench] {corpus.name} teacher zero-shot top-1: {100 * top1:.1f}%")
-    if top1 < TEACHER_MIN_ZEROSHOT:
-        raise SystemExit(f"the {corpus.name} teacher reached only {100 * top1:.1f}% zero-shot top-1 "
-                         f"(< {100 * TEACHER_MIN_ZEROSHOT:.0f}%): fix its recipe before benchmarking students")
-
-
 def ensure_cache(corpus: Corpus) -> None:
-    from xmodal.data.cache import cache_main
-
     if (corpus.work / "teacher_cache" / "manifest.json").is_file():
         return
     print(f"[bench] caching the {corpus.name} teacher's outputs")
-    cache_main(["--config", str(corpus.write(corpus.load("cache/teacher_outputs.yaml"), "teacher_cache"))])
+    harness.xmodal(["cache", "--config", str(corpus.write(corpus.load("cache/teacher_outputs.yaml"), "teacher_cache"))])
 
 
-def run_student(corpus: Corpus, method: str, seed: int, steps: int, probe_every: int) -> dict[str, Any]:
+def run_student(corpus: Corpus, run: Run, steps: int, probe_every: int) -> dict[str, Any]:
     """Train one student; returns its export folder, wall seconds and probe history."""
-    run = f"{method}-seed{seed}"
-    export = corpus.work / run
-    if method == "affinity+auto":
-        seconds = run_progressive(corpus, run, seed, steps, probe_every)
-        export = corpus.work / run / "stage2" / "pruned"
+    export = corpus.work / run.name
+    if run.method == "affinity+auto":
+        seconds = run_progressive(corpus, run, steps, probe_every)
+        export = corpus.work / run.name / "stage2" / "pruned"
     else:
-        config = corpus.load(METHODS[method])
-        if method != "scratch":
+        config = corpus.load(METHODS[run.method])
+        if run.method != "scratch":
             for section, values in corpus.load("cache/use_cache.yaml").items():
                 config[section].update(values)
-        config["seed_everything"] = seed
+        config["seed_everything"] = run.seed
         trainer = config["trainer"]
         trainer["max_steps"] = steps
-        trainer["logger"]["init_args"] = {"save_dir": str(corpus.work / "logs"), "name": run}
+        trainer["logger"]["init_args"] = {"save_dir": str(corpus.work / "logs"), "name": run.name}
         trainer["callbacks"][0]["init_args"]["out_dir"] = str(export)
-        trainer["callbacks"].append(corpus.probe(run, probe_every))
-        seconds = fit(corpus.write(config, run))
-    history = json.loads((corpus.work / "probes" / f"{run}.json").read_text())
+        trainer["callbacks"].append(corpus.probe(run.name, probe_every))
+        seconds = harness.fit(corpus.write(config, run.name))
+    history = json.loads((corpus.work / "probes" / f"{run.name}.json").read_text())
     return {"export": str(export), "train_seconds": seconds, "probe": history}
 
 
-def run_progressive(corpus: Corpus, run: str, seed: int, steps: int, probe_every: int) -> float:
-    """Two auto-inheritance stages of ``steps // 2`` each; their probe histories are joined into one curve."""
-    from xmodal.progressive import compress
-
+def run_progressive(corpus: Corpus, run: Run, steps: int, probe_every: int) -> float:
+    """Two auto-inheritance stages of ``steps // 2`` each (``xmodal compress``); their probe histories are joined
+    into one curve."""
     spec = corpus.load(METHODS["affinity+auto"])
-    spec["out_dir"] = str(corpus.work / run)
+    spec["out_dir"] = str(corpus.work / run.name)
     spec["teacher_cache"] = str(corpus.work / "teacher_cache")
-    spec["fit"]["seed_everything"] = seed
+    spec["fit"]["seed_everything"] = run.seed
     half = steps // 2
     for stage in spec["stages"]:
         stage.update({"max_steps": half, "warmup_steps": min(int(stage.get("warmup_steps", 0)), half // 2)})
-    spec["fit"]["trainer"]["callbacks"] = [corpus.probe(f"{run}-stage{{stage}}", probe_every)]
+    spec["fit"]["trainer"]["callbacks"] = [corpus.probe(f"{run.name}-stage{{stage}}", probe_every)]
     start = time.perf_counter()
-    compress(spec)
+    harness.xmodal(["compress", "--config", str(corpus.write(spec, run.name))])
     seconds = time.perf_counter() - start
     history: list[dict[str, float]] = []
     for k in range(len(spec["stages"])):
-        part = json.loads((corpus.work / "probes" / f"{run}-stage{k + 1}.json").read_text())
+        part = json.loads((corpus.work / "probes" / f"{run.name}-stage{k + 1}.json").read_text())
         history += [{"step": p["step"] + k * half, "zeroshot_top1": p["zeroshot_top1"]} for p in part]
-    (corpus.work / "probes" / f"{run}.json").write_text(json.dumps(history, indent=1))
+    (corpus.work / "probes" / f"{run.name}.json").write_text(json.dumps(history, indent=1))
     return seconds
 
 
@@ -221,22 +173,6 @@ def merge_runs(results: dict[str, Any], other: dict[str, Any]) -> None:
     results["seeds"] = sorted(set(results["seeds"]) | set(other["seeds"]))
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def steps_to_reach(curves: list[list[dict[str, float]]], target: float) -> int | None:
-    """First probed step at which the seed-mean zero-shot curve reaches ``target`` (None if never)."""
-    by_step: dict[int, list[float]] = {}
-    for curve in curves:
-        for point in curve:
-            by_step.setdefault(int(point["step"]), []).append(point["zeroshot_top1"])
-    for step in sorted(by_step):
-        if len(by_step[step]) == len(curves) and statistics.fmean(by_step[step]) >= target:
-            return step
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["shapes", "digits"], choices=sorted(CORPUS_SIZES))
@@ -246,38 +182,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-every", type=int, default=50)
     parser.add_argument("--data-root", type=Path, default=Path("runs/data"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench/clip_compression"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "clip_compression")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "clip_compression")
     parser.add_argument("--teacher", nargs="+", default=[], metavar="CORPUS=DIR",
                         help="reuse a teacher trained from teacher.yaml on the same data: shapes=runs/demo/teacher")
     parser.add_argument("--latency-only", action="store_true", help="re-time latency of the exported models")
     parser.add_argument("--merge", type=Path, nargs="+", default=[],
                         help="results JSON files of parallel runs (same --steps) whose runs are added, then report")
     args = parser.parse_args(argv)
-    from bench.clip_compression_report import measure_latency, report
-
     json_path = args.out.with_suffix(".json")
-    if args.merge:
-        results = json.loads(json_path.read_text())
+    if args.merge or args.latency_only:
+        previous = json.loads(json_path.read_text())
         for other in args.merge:
-            merge_runs(results, json.loads(other.read_text()))
-        report(results, args.out)
-        return
-    if args.latency_only:
-        results = json.loads(json_path.read_text())
-        measure_latency(results)
-        report(results, args.out)
+            merge_runs(previous, json.loads(other.read_text()))
+        if args.latency_only:
+            measure_latency(previous)
+        report(previous, args.out, list(METHODS))
         return
     results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "probe_every": args.probe_every,
                                "torch_threads": torch.get_num_threads(), "data_root": str(args.data_root),
                                "corpora": {}}
     reuse = dict(item.split("=", 1) for item in args.teacher)
-    if json_path.is_file():
-        previous = json.loads(json_path.read_text())
-        if previous.get("steps") == args.steps:  # resume: finished runs are kept, keyed by method and seed
-            results["corpora"] = previous.get("corpora", {})
+    # resume: finished runs are kept, keyed by method and seed
+    results.update(harness.resume(json_path, lambda previous: previous.get("steps") == args.steps, ["corpora"]))
     for name in args.corpora:
         corpus = Corpus(name, args.data_root, args.work)
-        ensure_corpus(corpus)
+        harness.ensure_corpus(name, corpus.data, seed=0, image_size=32, **CORPUS_SIZES[name])
         teacher_seconds = ensure_teacher(corpus, Path(reuse[name]) if name in reuse else None)
         ensure_cache(corpus)
         entry = results["corpora"].setdefault(name, {"teacher": str(corpus.work / "teacher"), "runs": {}})
@@ -285,16 +214,13 @@ def main(argv: list[str] | None = None) -> None:
             entry["teacher_train_seconds"] = teacher_seconds
         if name in reuse:
             entry["teacher_reused_from"] = reuse[name]
-        for method in args.methods:
-            for seed in args.seeds:
-                key = f"{method}/seed{seed}"
-                if key in entry["runs"]:
-                    continue
-                print(f"[bench] {name}: {key}")
-                entry["runs"][key] = run_student(corpus, method, seed, args.steps, args.probe_every)
-                json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(results, indent=1))
-    report(results, args.out)
+
+        def train(run: Run, corpus: Corpus = corpus) -> dict[str, Any]:
+            return run_student(corpus, run, args.steps, args.probe_every)
+
+        harness.run_pending(harness.plan(args.methods, args.seeds), entry["runs"], train,
+                            lambda: harness.save_json(results, json_path))
+    report(results, args.out, list(METHODS))
 
 
 if __name__ == "__main__":

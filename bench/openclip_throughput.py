@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
-from bench.clip_compression import CONFIGS, rewrite
+from bench import harness
+from bench.clip_compression import CONFIGS
+from bench.harness import rewrite
 
 RESULTS = Path(__file__).resolve().parent / "results" / "clip_compression_throughput"
 
@@ -66,7 +68,7 @@ def xmodal_command(data: Path, teacher: Path, steps: int, work: Path) -> list[st
     trainer.update({"max_steps": steps, "logger": False, "callbacks": [], "enable_progress_bar": False})
     path = work / f"xmodal-{steps}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return [sys.executable, "-m", "xmodal.cli", "fit", "--config", str(path)]
+    return harness.xmodal_command(["fit", "--config", str(path)])
 
 
 def openclip_command(data: Path, teacher: Path, steps: int, batch: int, configs: Path, work: Path) -> list[str]:

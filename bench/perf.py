@@ -43,8 +43,9 @@ from typing import Any
 import torch
 import yaml
 
+from bench import harness
 from bench import perf_parts as parts
-from bench.clip_compression import rewrite
+from bench.harness import XMODAL_MAIN, rewrite, xmodal_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -114,7 +115,7 @@ class Context:
         """``(Distiller, WdsDataModule, config)`` of a recipe, instantiated by xmodal's own CLI (``run=False``)."""
         key = f"{recipe}+{overlay}"
         if key not in self.models or fresh:
-            from xmodal.cli import Distiller, WdsDataModule, XmodalCLI
+            from xmodal.commands.lightning import Distiller, WdsDataModule, XmodalCLI
 
             config = self.config(recipe, overlay)
             path = self.write(config, key.replace("/", "_"))
@@ -131,15 +132,13 @@ class Context:
 # ---------------------------------------------------------------- assets
 def ensure_assets(ctx: Context) -> None:
     """The shapes corpus, the CLIP teacher and student folders, and PromptKD's stage-2 inputs (random weights)."""
-    from xmodal.data.corpora import make_corpus
-
-    meta = ctx.data / "meta.json"
-    counts = {"train": 20000, "val": 1000, "test": 2000}
-    if ctx.smoke and not meta.is_file():
-        make_corpus("shapes", ctx.data, seed=0, image_size=32, n_train=48, n_val=8, n_test=8, shard_size=16,
-                    workers=1, progress=False)
-    elif not ctx.smoke and (not meta.is_file() or json.loads(meta.read_text()).get("counts") != counts):
-        make_corpus("shapes", ctx.data, seed=0, image_size=32, n_train=20000, n_val=1000, n_test=2000)
+    if ctx.smoke:
+        harness.ensure_corpus("shapes", ctx.data, seed=0, image_size=32, n_train=48, n_val=8, n_test=8, shard_size=16,
+                              workers=1, progress=False)
+    else:
+        counts = {"train": 20000, "val": 1000, "test": 2000}
+        harness.ensure_corpus("shapes", ctx.data, accept=lambda meta: meta.get("counts") == counts, seed=0,
+                              image_size=32, n_train=20000, n_val=1000, n_test=2000)
     if not (ctx.work / "promptkd" / "class_vectors.safetensors").is_file():
         build_models(ctx)
     if not ctx.whisper.is_dir():
@@ -149,8 +148,8 @@ def ensure_assets(ctx: Context) -> None:
 
 
 def build_models(ctx: Context) -> None:
+    from xmodal.modalities.prompts import PromptedCLIP
     from xmodal.students.clip import CLIPStudent, save_open_clip_dir
-    from xmodal.students.prompted import PromptedCLIP
     from xmodal.teachers.prompted import store_class_vectors
     from xmodal.zoo import save_pretrained
 
@@ -246,7 +245,7 @@ def fit_epochs(ctx: Context, overlay: str | None) -> dict[str, Any]:
 
 
 def section_cache(ctx: Context) -> dict[str, Any]:
-    from xmodal.data.cache import cache_main, cache_teacher
+    from xmodal.data.cache import cache_teacher
 
     live = fit_epochs(ctx, None)
     cache_config = rewrite(yaml.safe_load((CONFIGS / "clip_compression/cache/teacher_outputs.yaml").read_text()),
@@ -254,7 +253,7 @@ def section_cache(ctx: Context) -> dict[str, Any]:
     out = Path(cache_config["out"])
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    cache_main(["--config", str(ctx.write(cache_config, "teacher_cache"))])
+    harness.xmodal(["cache", "--config", str(ctx.write(cache_config, "teacher_cache"))])
     build_s = time.perf_counter() - start
     cached = fit_epochs(ctx, "clip_compression/cache/use_cache.yaml")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -355,7 +354,7 @@ def section_memory(ctx: Context) -> dict[str, Any]:
     if (ctx.work / "demo" / "teacher_cache" / "manifest.json").is_file():
         runs.insert(1, ("clip (cached teacher)", "clip", "clip_compression/cache/use_cache.yaml"))
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if ctx.smoke else {})}
-    rss, _ = parts.max_rss_mb([sys.executable, "-c", "import xmodal.cli, xmodal.teachers.whisper"], ROOT, env)
+    rss, _ = parts.max_rss_mb([sys.executable, "-c", f"import {XMODAL_MAIN}, xmodal.teachers.whisper"], ROOT, env)
     results["imports only (baseline)"] = {"max_rss_mb": rss, "steps": 0,
                                           "note": "python + torch + lightning + transformers + open_clip, no model"}
     for name, recipe, overlay in runs:
@@ -365,7 +364,7 @@ def section_memory(ctx: Context) -> dict[str, Any]:
         config = ctx.config(recipe, overlay)
         config["trainer"]["max_steps"] = ctx.sizes["memory_steps"]
         path = ctx.write(config, f"memory-{name.split()[0]}{'-cached' if overlay else ''}")
-        command = [sys.executable, "-c", "from xmodal.cli import main; main()", "fit", "--config", str(path)]
+        command = xmodal_command(["fit", "--config", str(path)])
         rss, done = parts.max_rss_mb(command, ROOT, env)
         results[name] = {"max_rss_mb": rss, "steps": ctx.sizes["memory_steps"], "returncode": done.returncode,
                          "workers": config["data"]["num_workers"],

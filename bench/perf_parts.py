@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from bench.report import fmt, md_table
 from xmodal.data.wds import move_batch
 
 Batch = dict[str, Any]
@@ -74,22 +75,6 @@ def parse_max_rss_kb(time_v_output: str) -> int | None:
     """The ``Maximum resident set size (kbytes)`` that GNU ``/usr/bin/time -v`` prints, or ``None``."""
     match = re.search(r"Maximum resident set size \(kbytes\):\s*(\d+)", time_v_output)
     return int(match.group(1)) if match else None
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    """A table cell: numbers rounded, ``None``/``nan`` as ``-``."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table from a header and rows of cells (formatted with :func:`fmt`)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def markdown_report(results: dict[str, Any]) -> str:

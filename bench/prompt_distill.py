@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -46,8 +45,11 @@ from typing import Any
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs" / "prompt_distill"
+from bench import harness
+from bench.report import paired_line
+from bench.stats import Paired, mean_std, paired
+
+CONFIGS = harness.CONFIGS / "prompt_distill"
 CONFIG_WORK = "runs/prompt_distill/shapes"
 CONFIG_DATA = "runs/data/shapes"
 METHODS = ("teacher zero-shot", "teacher prompt-tuned (stage 1)", "student zero-shot", "student prompts, labels only",
@@ -62,34 +64,14 @@ PER_SEED = ("teacher_prompted", "student_labels_only", "student_promptkd", "clas
 TEACHER_MIN_HM = 0.3  # three times chance (10 classes): below it the zero-shot teacher did not learn
 
 
-def replace_paths(value: Any, mapping: dict[str, str]) -> Any:
-    """Replace each ``mapping`` key by its value in every string of a nested config (dicts and lists)."""
-    if isinstance(value, str):
-        for old, new in mapping.items():
-            value = value.replace(old, new)
-        return value
-    if isinstance(value, dict):
-        return {k: replace_paths(v, mapping) for k, v in value.items()}
-    if isinstance(value, list):
-        return [replace_paths(v, mapping) for v in value]
-    return value
-
-
-def relocate(value: Any, work: Path, data: Path) -> Any:
-    """Point a config's default work and data folders at ``work`` and ``data``."""
-    return replace_paths(value, {CONFIG_WORK: str(work), CONFIG_DATA: str(data)})
-
-
 def fit(name: str, work: Path, data: Path, seed: int, steps: int,
         edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Write a per-run copy of ``configs/prompt_distill/<name>.yaml`` (paths, seed, steps rewritten; then ``edit``
     applied to the config dict) and fit it, unless its export folder holds a model trained from this very config
     (an interrupted benchmark resumes). Returns the written config."""
-    from xmodal.cli import main as xmodal_main
-
-    config = relocate(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), work, data)
+    config = harness.load_recipe(CONFIGS / f"{name}.yaml", {CONFIG_WORK: str(work), CONFIG_DATA: str(data)})
     if name not in PRETRAIN:  # each seed's prompt learners and class vectors get their own folders and file
-        config = replace_paths(config, {str(work / out): str(work / per_seed(out, seed)) for out in PER_SEED})
+        config = harness.rewrite(config, {str(work / out): str(work / per_seed(out, seed)) for out in PER_SEED})
     config["seed_everything"] = seed
     config["trainer"]["max_steps"] = steps
     config["trainer"]["log_every_n_steps"] = max(1, min(20, steps // 2))
@@ -109,7 +91,7 @@ def fit(name: str, work: Path, data: Path, seed: int, steps: int,
         for later in work.glob(f"*/{STAMP}"):
             if later.parent.name not in PRETRAIN:
                 later.unlink()
-    xmodal_main(["fit", "--config", str(path)])
+    harness.fit(path)
     stamp.write_text(text)
     return path
 
@@ -138,23 +120,11 @@ def export_dir(config_path: Path) -> Path:
     return Path(next(c for c in callbacks if c["class_path"].endswith("ExportStudent"))["init_args"]["out_dir"])
 
 
-def ensure_corpus(name: str, data: Path, n_train: int, image_size: int) -> None:
-    from xmodal.data.corpora import make_corpus
-
-    meta = data / "meta.json"
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        if (old.get("seed"), old.get("image_size"), old.get("counts", {}).get("train")) == (0, image_size, n_train):
-            return
-    print(f"[bench] building the {name} corpus in {data}")
-    make_corpus(name, data, seed=0, image_size=image_size, n_train=n_train, progress=False)
-
-
 def evaluate(model: Any, data: Path, split: Any, templates: list[str], image_size: int,
              classifier: torch.Tensor | None = None) -> dict[str, float]:
     """Base / novel / HM on the corpus' test split (``classifier``: stored class vectors, else the model's own)."""
     from xmodal.eval.base2novel import evaluate_base2novel
-    from xmodal.eval.cli import shard_loader
+    from xmodal.eval.folders import shard_loader
 
     loader = shard_loader(str(data / "test-*.tar"), image_size, 256, 0)
     return evaluate_base2novel(model, loader, split, classifier, templates=templates, device="cpu")
@@ -176,7 +146,9 @@ def run_corpus(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from xmodal.zoo import create_model
 
     data, work = args.data_root / f"{name}-promptkd", args.work / name
-    ensure_corpus(name, data, args.n_train, IMAGE_SIZE)
+    harness.ensure_corpus(name, data, accept=lambda meta: (meta.get("seed"), meta.get("image_size"), meta.get(
+        "counts", {}).get("train")) == (0, IMAGE_SIZE, args.n_train), seed=0, image_size=IMAGE_SIZE,
+        n_train=args.n_train, progress=False)
     classes = json.loads((data / "classes.json").read_text())
     split = make_split(classes["classes"])
     write_split(split, work / "split.json")
@@ -225,11 +197,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         runs = [r for r in rows if r["method"] == method]
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "hm_per_seed": [100 * r["hm"] for r in runs]}
         for key in ("base", "novel", "hm"):
-            values = [100 * r[key] for r in runs]
-            entry[key] = statistics.fmean(values)
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[key], entry[f"{key}_std"] = mean_std([100 * r[key] for r in runs])
         out[method] = entry
     return out
+
+
+def hm_gain(rows: list[dict[str, Any]]) -> Paired | None:
+    """PromptKD's HM minus the labels-only student's, in points, paired by seed (:func:`bench.stats.paired`)."""
+    kd = {r["seed"]: r["hm"] for r in rows if r["method"] == METHODS[4]}
+    base = {r["seed"]: r["hm"] for r in rows if r["method"] == METHODS[3]}
+    return paired(kd, base, scale=100.0)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -258,6 +235,9 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{gain['std']:.1f} points (per seed: {', '.join(f'{g:+.1f}' for g in gain['per_seed'])}); the paper "
                   f"reports {PAPER['promptkd_hm'] - PAPER['promptsrc_hm']:+.2f} (HM {PAPER['promptkd_hm']} vs "
                   f"{PAPER['promptsrc_hm']} for PromptSRC, 11-dataset average).", ""]
+        diff = hm_gain(res["rows"])
+        if diff is not None:
+            lines += [paired_line("Paired HM gain, PromptKD − labels only", diff, digits=1), ""]
     return "\n".join(lines)
 
 
@@ -272,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-train", type=int, default=20000, help="training images per corpus")
     parser.add_argument("--data-root", type=Path, default=Path("runs/data"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench_prompt_distill"))
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and step counts: checks the pipeline only")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -285,12 +265,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.corpora:
         res = run_corpus(name, args)
         res["summary"] = summarise(res["rows"])
-        kd = {r["seed"]: r["hm"] for r in res["rows"] if r["method"] == METHODS[4]}
-        base = {r["seed"]: r["hm"] for r in res["rows"] if r["method"] == METHODS[3]}
-        gains = [100 * (kd[s] - base[s]) for s in args.seeds]
+        gain = hm_gain(res["rows"])
+        if gain is None:
+            raise RuntimeError(f"{name}: no seed has both the PromptKD and the labels-only student")
         res["gain_hm_promptkd_minus_labels_only"] = {
-            "per_seed": gains, "mean": statistics.fmean(gains),
-            "std": statistics.stdev(gains) if len(gains) > 1 else 0.0}
+            "per_seed": list(gain.differences), "mean": gain.mean, "std": gain.std, "ci95": [gain.low, gain.high]}
         results["corpora"][name] = res
     results["total_seconds"] = time.perf_counter() - started
     results["torch_threads"] = torch.get_num_threads()

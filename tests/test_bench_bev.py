@@ -10,6 +10,7 @@ import pytest
 
 import bench.bev as bev
 from bench.bev_report import gain_verdict, markdown, paired_gain
+from bench.stats import Paired, paired
 
 
 def test_plan_adds_teachers_before_their_students() -> None:
@@ -63,14 +64,22 @@ RUNS = {f"{row}/seed{s}": run(row, s, m, n) for row, s, m, n in [
     ("lidar_teacher", 0, 0.50, 0.55), ("fusion_to_lidar", 0, 0.52, 0.56)]}
 
 
+def gain(per_seed: list[float]) -> Paired:
+    """A paired difference with these per-seed values (against zeros)."""
+    diff = paired(dict(enumerate(per_seed)), dict.fromkeys(range(len(per_seed)), 0.0))
+    assert diff is not None
+    return diff
+
+
 def test_paired_gain_and_its_reading() -> None:
-    (gain, spread), n = paired_gain(RUNS, "unidistill_all", "camera_alone", "mAP") or ((0.0, 0.0), 0)
-    assert n == 2 and gain == pytest.approx(0.025) and spread == pytest.approx(0.00707, abs=1e-4)
+    diff = paired_gain(RUNS, "unidistill_all", "camera_alone", "mAP")
+    assert diff is not None and diff.n == 2
+    assert diff.mean == pytest.approx(0.025) and diff.std == pytest.approx(0.00707, abs=1e-4)
     assert paired_gain(RUNS, "unidistill_all", "fusion_teacher", "mAP") is None
-    assert "direction but below its 2.0-3.2" in gain_verdict("mAP", 1.0, 0.5, 3)
-    assert "within the paper's" in gain_verdict("mAP", 2.5, 0.5, 3)
-    assert "opposite direction" in gain_verdict("NDS", -1.0, 0.2, 3)
-    assert "within seed noise" in gain_verdict("NDS", 0.3, 0.5, 3)
+    assert "direction but below its 2.0-3.2" in gain_verdict("mAP", gain([0.5, 1.0, 1.5]))
+    assert "within the paper's" in gain_verdict("mAP", gain([2.0, 2.5, 3.0]))
+    assert "opposite direction" in gain_verdict("NDS", gain([-0.8, -1.0, -1.2]))
+    assert "within seed noise" in gain_verdict("NDS", gain([-0.2, 0.3, 0.8]))  # mean 0.3, std 0.5
 
 
 def test_report_compares_fusion_to_lidar_only_at_equal_budgets() -> None:

@@ -1,8 +1,9 @@
-"""The CLIP compression benchmark's own logic: config path rewriting and steps-to-reach."""
+"""The CLIP compression benchmark's own logic (steps-to-reach) and the harness's config path rewriting."""
 
 from __future__ import annotations
 
-from bench.clip_compression import rewrite, steps_to_reach
+from bench.clip_compression_report import steps_to_reach
+from bench.harness import rewrite
 
 
 def test_rewrite_replaces_longest_prefix_once() -> None:

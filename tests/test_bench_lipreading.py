@@ -7,21 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from bench.lipreading import rewrite, scale_schedule
+from bench.harness import rewrite, scale_schedule
 from bench.lipreading_report import (
     aggregate,
     compare_with_paper,
     estimate_stage,
-    format_pm,
-    gain_verdict,
     markdown,
-    mean_std,
     student_table,
     summarize_log,
     teacher_table,
     training_table,
     utterance_stats,
 )
+from bench.report import format_pm
 
 
 def run(greedy_cer: float, seen: float | None = None) -> dict:
@@ -35,13 +33,6 @@ RUNS = {
     "student_alone/seed0": run(0.30, seen=0.2), "student_alone/seed1": run(0.34), "student_alone/seed2": run(0.32),
     "libs_full/seed0": run(0.25), "libs_full/seed1": run(0.27), "libs_full/seed2": run(0.29),
 }
-
-
-def test_mean_std_uses_the_sample_std() -> None:
-    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert mean_std([0.5]) == (0.5, 0.0)
-    with pytest.raises(ValueError):
-        mean_std([])
 
 
 def test_format_pm_shows_points() -> None:
@@ -72,18 +63,14 @@ def test_compare_with_paper_pairs_seeds() -> None:
     assert math.isclose(gain, 5.0) and math.isclose(spread, 2.0)  # per-seed gains 5, 7, 3 points
     assert math.isclose(comparison["paper"]["CMLR"]["ratio"], 5.0 / 7.66)
     assert math.isclose(comparison["paper"]["LRS2"]["ratio"], 5.0 / 2.75)
-    assert comparison["verdict"].startswith("gain of 5.00 ± 2.00")
+    low, high = comparison["ci95"]  # t(0.975, 2) = 4.303: 5 ± 4.303 * 2 / sqrt(3)
+    assert math.isclose(low, 5.0 - 4.303 * 2 / math.sqrt(3)) and math.isclose(high, 5.0 + 4.303 * 2 / math.sqrt(3))
+    assert comparison["verdict"].startswith("+5.00 CER points") and comparison["verdict"].endswith("a clear gain")
 
 
 def test_compare_with_paper_without_pairs() -> None:
     comparison = compare_with_paper({"student_alone/seed0": run(0.3), "libs_full/seed1": run(0.2)})
     assert comparison["gain_points"] is None and comparison["verdict"].startswith("not measured")
-
-
-def test_gain_verdict_says_when_there_is_no_gain() -> None:
-    assert gain_verdict(-1.5, 0.5, 3).startswith("no gain")
-    assert "within seed noise" in gain_verdict(0.5, 1.0, 3)
-    assert "single seed" in gain_verdict(2.0, 0.0, 1)
 
 
 def test_markdown_flags_smoke_runs() -> None:
@@ -173,7 +160,7 @@ def test_video_size_reaches_training_and_evaluation(tmp_path, monkeypatch) -> No
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text('{"metrics": {"greedy_cer": 0.5}}')
 
-    monkeypatch.setattr("xmodal.cli.main", fake_main)
+    monkeypatch.setattr("bench.harness.xmodal", fake_main)
     assert bench.eval_student("run", {"all": "shards-*.tar"}) == {"all": {"greedy_cer": 0.5}}
     assert calls[0][calls[0].index("--size") + 1] == "32"
 

@@ -9,17 +9,16 @@ import torch
 
 from bench.perf_parts import (
     break_even_epochs,
-    fmt,
     format_break_even,
     grad_free,
     markdown_report,
-    md_table,
     parse_max_rss_kb,
     per_step_ms,
     ratio,
     reading,
     slice_batch,
 )
+from bench.report import fmt, md_table
 
 
 def test_break_even_is_build_time_over_the_saving_per_epoch() -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import xmodal.cli
-from bench import prompt_distill
+from bench import harness, prompt_distill
 from bench.prompt_distill import STAMP, export_dir, fit, set_optimizer
 
 
@@ -20,7 +19,7 @@ def test_retraining_a_pretrained_clip_invalidates_the_later_runs(tmp_path: Path,
         trained.append(Path(argv[-1]).stem)
         export_dir(Path(argv[-1])).mkdir(parents=True, exist_ok=True)
 
-    monkeypatch.setattr(xmodal.cli, "main", fake_fit)
+    monkeypatch.setattr(harness, "xmodal", fake_fit)
     work, data = tmp_path / "work", tmp_path / "data"
 
     def run(name: str, lr: float | None = None) -> Path:
@@ -48,7 +47,7 @@ def test_each_seed_trains_into_its_own_folders_and_is_reused(tmp_path: Path, mon
         trained.append(Path(argv[-1]).stem)
         export_dir(Path(argv[-1])).mkdir(parents=True, exist_ok=True)
 
-    monkeypatch.setattr(xmodal.cli, "main", fake_fit)
+    monkeypatch.setattr(harness, "xmodal", fake_fit)
     work, data = tmp_path / "work", tmp_path / "data"
     for seed in (0, 1, 0, 1):
         path = fit("student_stage2", work, data, seed, 10)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, DistillLoss, Keys
+from xmodal.losses.normalize import NormOption, target_norm
 from xmodal.modalities.bev_nets import REG_CHANNELS, BEVGrid
 
 HEAD_KEYS = ("bev.heatmap", "bev.reg")
@@ -210,14 +211,17 @@ class UniDistillFeatureLoss(_KeypointLoss):
         student_key, teacher_key: the BEV feature maps (``B x C x H x W``, any resolution over the same grid extent).
         grid: the BEV grid (extent used to place the keypoints).
         student_channels, teacher_channels: set both, when they differ, to learn the adapter.
+        normalize: normalisation of the teacher's keypoint features (:mod:`xmodal.losses.normalize`); default
+            ``"none"``, as UniDistill's code, which regresses raw BEV features.
     """
 
     def __init__(
         self, grid: BEVGrid | None = None, student_key: Keys = "bev.feat", teacher_key: Keys | None = None,
         student_channels: int | None = None, teacher_channels: int | None = None, weight: float = 1.0,
-        name: str | None = "unidistill_feature",
+        name: str | None = "unidistill_feature", normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, grid, weight, name)
+        self.target_norm = target_norm(normalize, self.teacher_key)
         self.adapter: nn.Module = nn.Identity()
         if student_channels is not None and teacher_channels is not None and student_channels != teacher_channels:
             self.adapter = nn.Linear(student_channels, teacher_channels)
@@ -227,7 +231,7 @@ class UniDistillFeatureLoss(_KeypointLoss):
         if pair is None:
             return _zero(s, *self.adapter.parameters())
         s_pts, t_pts = pair
-        s_pts = self.adapter(s_pts)
+        s_pts, t_pts = self.target_norm.student(self.adapter(s_pts)), self.target_norm.teacher(t_pts)
         if s_pts.shape != t_pts.shape:
             raise ValueError(f"loss {self.name!r}: student features {s.shape[1]} channels vs teacher {t.shape[1]}; "
                              "set student_channels and teacher_channels to learn a 1x1 adapter")
@@ -243,20 +247,23 @@ def keypoint_relations(points: Tensor) -> Tensor:
 class UniDistillRelationLoss(_KeypointLoss):
     """UniDistill relation distillation: ``mean |R_s - R_t|`` over objects and the 9 x 9 entries, where ``R`` is the
     cosine-similarity matrix among an object's keypoint features. Needs no adapter: ``R`` is 9 x 9 whatever the
-    channel counts.
+    channel counts. ``normalize`` (:mod:`xmodal.losses.normalize`, on the teacher's keypoint features) defaults to
+    ``"none"``, as UniDistill: cosines ignore scale (``"l2"`` changes nothing), ``"standardize"`` centres channels.
     """
 
     def __init__(
         self, grid: BEVGrid | None = None, student_key: Keys = "bev.feat", teacher_key: Keys | None = None,
-        weight: float = 1.0, name: str | None = "unidistill_relation",
+        weight: float = 1.0, name: str | None = "unidistill_relation", normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, grid, weight, name)
+        self.target_norm = target_norm(normalize, self.teacher_key)
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
         pair = self.pair(s, t, batch)
         if pair is None:
             return _zero(s)
-        return F.l1_loss(keypoint_relations(pair[0]), keypoint_relations(pair[1]))
+        s_pts, t_pts = self.target_norm.student(pair[0]), self.target_norm.teacher(pair[1])
+        return F.l1_loss(keypoint_relations(s_pts), keypoint_relations(t_pts))
 
 
 class UniDistillResponseLoss(_KeypointLoss):
@@ -264,7 +271,8 @@ class UniDistillResponseLoss(_KeypointLoss):
     + reg_weight * mean |B_s - B_t|`` over objects, keypoints and channels (heatmaps compared as probabilities, so
     confident logits of either sign cannot dominate). Both parts are logged (``<name>/heatmap``, ``<name>/reg``).
 
-    Reads ``[bev.heatmap, bev.reg]`` from both models (same classes and regression layout).
+    Reads ``[bev.heatmap, bev.reg]`` from both models (same classes and regression layout). It has no
+    ``normalize``: its targets are predictions (probabilities and box parameters), not features.
     """
 
     def __init__(

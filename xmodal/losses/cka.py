@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from xmodal.contracts import Batch, DistillLoss, Keys
+from xmodal.contracts import Batch, DistillLoss, Keys, key_list
 from xmodal.losses.features import pool_features, to_tokens
+from xmodal.losses.normalize import NormOption, TargetNorm, target_norms
 
 Flatten = Literal["features", "tokens", "pool"]
 
@@ -99,22 +100,29 @@ class CKALoss(DistillLoss):
         flatten: how features become a matrix, see :func:`as_matrix`.
         weight: multiplier in the total loss.
         name: log name; defaults to ``"cka"``.
+        normalize: target normalisation (:mod:`xmodal.losses.normalize`, one per teacher key);
+            default ``"none"``, as Kornblith et al.: CKA already ignores centring and overall scale.
     """
 
     batch_coupled = True  # CKA compares B x B Gram matrices of the whole batch
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, flatten: Flatten = "features", weight: float = 1.0,
-        name: str | None = None,
+        name: str | None = None, normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name)
         as_matrix(torch.zeros(1, 1), flatten)  # validates the choice early
         self.flatten = flatten
+        self.target_norms = target_norms(normalize, key_list(teacher_key))
 
     def forward(self, s: Tensor | tuple[Tensor, ...], t: Tensor | tuple[Tensor, ...], batch: Batch) -> Tensor:
         pairs = _pairs(s, t, self.name)
-        losses = [1 - linear_cka(as_matrix(a, self.flatten), as_matrix(b.detach(), self.flatten)) for a, b in pairs]
+        losses = [self.pair_loss(a, b.detach(), norm) for (a, b), norm in zip(pairs, self.target_norms, strict=True)]
         return torch.stack(losses).mean()
+
+    def pair_loss(self, s: Tensor, t: Tensor, norm: nn.Module) -> Tensor:
+        assert isinstance(norm, TargetNorm)
+        return 1 - linear_cka(as_matrix(norm.student(s), self.flatten), as_matrix(norm.teacher(t), self.flatten))
 
 
 def _pairs(s: Tensor | tuple[Tensor, ...], t: Tensor | tuple[Tensor, ...], name: str) -> list[tuple[Tensor, Tensor]]:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, DistillLoss, Keys
+from xmodal.losses.normalize import NormOption, target_norm
 
 
 def make_projector(student_dim: int | None, teacher_dim: int | None) -> nn.Module:
@@ -18,14 +19,15 @@ def make_projector(student_dim: int | None, teacher_dim: int | None) -> nn.Modul
 class _FeatureLoss(DistillLoss):
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None = None, teacher_dim: int | None = None,
-        weight: float = 1.0, name: str | None = None,
+        weight: float = 1.0, name: str | None = None, normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name)
         self.projector = make_projector(student_dim, teacher_dim)
+        self.target_norm = target_norm(normalize, teacher_key)
 
     def pair(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.projector(s.float())
-        t = t.detach().float()
+        s = self.target_norm.student(self.projector(s.float()))
+        t = self.target_norm.teacher(t.detach().float())
         if s.shape != t.shape:
             raise ValueError(
                 f"loss {self.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
@@ -35,7 +37,11 @@ class _FeatureLoss(DistillLoss):
 
 
 class FeatureMSELoss(_FeatureLoss):
-    """Mean squared error between (projected) student features and teacher features, any shape ``B x ... x D``."""
+    """Mean squared error between (projected) student features and teacher features, any shape ``B x ... x D``.
+
+    ``normalize`` (:mod:`xmodal.losses.normalize`) defaults to ``"none"``: FitNets (Romero et al., ICLR 2015)
+    regresses raw hints; ``"layernorm"`` is feature distillation's whitening (Wei et al., arXiv 2205.14141).
+    """
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
         s, t = self.pair(s, t)
@@ -43,7 +49,11 @@ class FeatureMSELoss(_FeatureLoss):
 
 
 class FeatureCosineLoss(_FeatureLoss):
-    """``1 - cos(s, t)`` along the last dimension, averaged over all other positions."""
+    """``1 - cos(s, t)`` along the last dimension, averaged over all other positions.
+
+    ``normalize`` defaults to ``"none"``: the cosine already ignores each vector's scale (``"l2"`` changes
+    nothing); ``"standardize"`` removes the teacher's constant mean direction first.
+    """
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
         s, t = self.pair(s, t)

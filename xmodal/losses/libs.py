@@ -13,7 +13,12 @@ through the character -> token map ``audio.char_token``. The teacher's own CER i
 (``audio.hypothesis_chars``, Unicode code points) against ``batch["transcript"]``.
 
 **Filtering.** With ``max_cer`` set, every term computes the teacher's CER and averages only over
-samples whose CER is ``<= max_cer``; the others get zero weight, hence zero gradient. ``last_metrics`` holds the
+samples whose CER is ``<= max_cer``; the others get zero weight, hence zero gradient.
+
+**Normalisation.** Every term takes ``normalize`` (:mod:`xmodal.losses.normalize`), default ``"none"`` as in LIBS,
+which regresses raw teacher vectors; ``"standardize"`` is what made the frame term stop saturating the student
+with Whisper targets (issue 21). The context term normalises the per-character vectors, so its running statistics
+count a token once per character it holds (stored ones are per token). ``last_metrics`` holds the
 kept fraction, which the :class:`~xmodal.distiller.Distiller` logs as ``<stage>/<loss name>/kept_fraction``.
 Averaging over kept samples keeps the loss scale independent of how many survive; a batch with none kept gives
 0 (with a graph, so the backward still runs).
@@ -50,6 +55,7 @@ from torch import Tensor, nn
 from xmodal.contracts import Batch, DistillLoss, Keys, key_list
 from xmodal.losses.features import make_projector
 from xmodal.losses.logits import HardLabelLoss
+from xmodal.losses.normalize import NormOption, target_norm
 from xmodal.modalities.audio import resample_to
 from xmodal.modalities.transcript import (
     CharVocab,
@@ -104,7 +110,7 @@ class _FilteredLoss(DistillLoss):
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None, teacher_dim: int | None,
-        max_cer: float | None, hypothesis_key: Keys, weight: float, name: str | None,
+        max_cer: float | None, hypothesis_key: Keys, weight: float, name: str | None, normalize: NormOption,
     ) -> None:
         hypothesis = key_list(hypothesis_key) if max_cer is not None else []
         if len(hypothesis) not in (0, 2):
@@ -112,6 +118,7 @@ class _FilteredLoss(DistillLoss):
         super().__init__(student_key, key_list(teacher_key) + hypothesis, weight, name)
         self.max_cer = max_cer
         self.projector = make_projector(student_dim, teacher_dim)
+        self.target_norm = target_norm(normalize, teacher_key)
         self.last_metrics: dict[str, Tensor] = {}
 
     def split(self, t: tuple[Tensor, ...], batch: Batch, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -131,18 +138,22 @@ class LIBSSequenceLoss(_FilteredLoss):
             is learned when they differ). max_cer: filtering threshold (``None``: keep all). hypothesis_key: the
             teacher's greedy hypotheses (code points ``B x C`` and mask), read only with ``max_cer``; their CER
             against ``batch["transcript"]`` is the filter's. weight, name: as every :class:`DistillLoss`.
+            normalize: see the module docstring.
     """
 
     def __init__(
         self, student_key: Keys = "video.sequence", teacher_key: Keys = "audio.sequence",
         student_dim: int | None = None, teacher_dim: int | None = None, max_cer: float | None = None,
         hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_sequence",
+        normalize: NormOption = "none",
     ) -> None:
-        super().__init__(student_key, teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight, name)
+        super().__init__(student_key, teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight, name,
+                         normalize)
 
     def forward(self, s: Tensor, t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         (target,), keep = self.split(t, batch, s.device)
-        per_sample = ((self.projector(s.float()) - target.detach().float()) ** 2).mean(-1)
+        norm = self.target_norm
+        per_sample = ((norm.student(self.projector(s.float())) - norm.teacher(target.detach().float())) ** 2).mean(-1)
         return kept_mean(per_sample, keep)
 
 
@@ -160,17 +171,19 @@ class LIBSContextLoss(_FilteredLoss):
         teacher_key: Keys = ("audio.token_states", "audio.char_token", "audio.char_token_mask"),
         student_dim: int | None = None, teacher_dim: int | None = None, max_cer: float | None = None,
         hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_context",
+        normalize: NormOption = "none",
     ) -> None:
         super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight,
-                         name)
+                         name, normalize)
 
     def forward(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         s_ctx, s_mask = s
         (t_states, t_char, t_mask), keep = self.split(t, batch, s_ctx.device)
-        t_ctx = char_vectors(t_states, t_char, t_mask)
+        t_ctx = self.target_norm.teacher(char_vectors(t_states, t_char, t_mask).detach().float(), t_mask)
         n = min(s_ctx.shape[1], t_ctx.shape[1])
         mask = s_mask[:, :n].bool() & t_mask[:, :n].bool().to(s_mask.device)
-        per_sample = masked_sq_error(self.projector(s_ctx[:, :n].float()), t_ctx[:, :n].detach().float(), mask)
+        s_pred = self.target_norm.student(self.projector(s_ctx[:, :n].float()))
+        per_sample = masked_sq_error(s_pred, t_ctx[:, :n], mask)
         return kept_mean(per_sample, keep)
 
 
@@ -254,7 +267,8 @@ class LIBSFrameLoss(_FilteredLoss):
         coverage_weight: weight of :func:`coverage_penalty`, which keeps a few audio frames from taking all the
             attention (0: off); its value is logged as ``<name>/coverage``.
         detach_query: build queries from detached student features (see the module docstring).
-        max_cer, hypothesis_key, weight, name: as :class:`LIBSSequenceLoss`.
+        max_cer, hypothesis_key, weight, name, normalize: as :class:`LIBSSequenceLoss`. The aligner's keys read
+            the normalised teacher frames too.
     """
 
     def __init__(
@@ -264,9 +278,10 @@ class LIBSFrameLoss(_FilteredLoss):
         prior_sigma: float | None = 0.1, temperature: float = 1.0, max_offset: float | None = 0.1,
         coverage_weight: float = 0.1, detach_query: bool = True, max_cer: float | None = None,
         hypothesis_key: Keys = HYPOTHESIS_KEYS, weight: float = 1.0, name: str | None = "libs_frame",
+        normalize: NormOption = "none",
     ) -> None:
         super().__init__(list(student_key), teacher_key, student_dim, teacher_dim, max_cer, hypothesis_key, weight,
-                         name)
+                         name, normalize)
         if alignment not in ("attention", "interpolate"):
             raise ValueError(f"alignment must be 'attention' or 'interpolate', got {alignment!r}")
         self.alignment = alignment
@@ -286,10 +301,11 @@ class LIBSFrameLoss(_FilteredLoss):
     def forward(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, ...], batch: Batch) -> Tensor:
         s_feat, s_mask = s
         (t_feat, t_mask), keep = self.split(t, batch, s_feat.device)
+        t_feat = self.target_norm.teacher(t_feat.detach().float(), t_mask)
         weights = self.attention(s_feat, s_mask, t_feat, t_mask)
         self.last_attention = weights.detach()
         target = torch.bmm(weights, t_feat.detach().float())
-        per_sample = masked_sq_error(self.projector(s_feat.float()), target, s_mask.bool())
+        per_sample = masked_sq_error(self.target_norm.student(self.projector(s_feat.float())), target, s_mask.bool())
         if self.coverage_weight > 0 and self.alignment == "attention":
             coverage = coverage_penalty(weights, s_mask.bool(), t_mask.bool().to(weights.device))
             self.last_metrics["coverage"] = kept_mean(coverage, keep).detach()

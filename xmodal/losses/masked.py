@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from xmodal.contracts import Batch, DistillLoss, Keys, to_float_image
 from xmodal.losses.features import gather_tokens, make_projector
+from xmodal.losses.normalize import NormMode, NormOption, TargetNorm, target_norm
 
 
 def random_patch_mask(
@@ -128,7 +129,9 @@ class MaskedFeatureLoss(DistillLoss):
         teacher_dim: teacher token width.
         num_prefix_tokens: leading non-patch tokens on both sides (compared one to one).
         teacher_visible_only: the teacher already ran on the visible patches only.
-        normalize: L2-normalise both sides per token first (DMAE does this when it uses projection heads).
+        normalize: target normalisation (:mod:`xmodal.losses.normalize`) of the gathered tokens; ``True`` is
+            ``"l2"``, both sides per token (DMAE does this when it uses projection heads); default ``False``
+            (``"none"``): DMAE regresses raw teacher features otherwise.
         criterion: ``"mse"`` or ``"l1"`` for the feature term.
         beta: weight of the feature term.
         recon_weight: weight of the pixel term (used only with a ``recon`` key).
@@ -141,7 +144,8 @@ class MaskedFeatureLoss(DistillLoss):
 
     def __init__(
         self, student_key: Keys, teacher_key: str, student_dim: int | None = None, teacher_dim: int | None = None,
-        num_prefix_tokens: int = 0, teacher_visible_only: bool = False, normalize: bool = False,
+        num_prefix_tokens: int = 0, teacher_visible_only: bool = False,
+        normalize: bool | NormMode | TargetNorm = False,
         criterion: Literal["mse", "l1"] = "mse", beta: float = 1.0, recon_weight: float = 1.0,
         patch_size: int | None = None, image_key: str = "image", norm_pix: bool = False, weight: float = 1.0,
         name: str | None = None,
@@ -155,7 +159,9 @@ class MaskedFeatureLoss(DistillLoss):
             raise ValueError("a recon key needs patch_size for the pixel target")
         self.projector = make_projector(student_dim, teacher_dim)
         self.num_prefix_tokens, self.teacher_visible_only = num_prefix_tokens, teacher_visible_only
-        self.normalize, self.criterion, self.beta = normalize, criterion, beta
+        option: NormOption = ("l2" if normalize else "none") if isinstance(normalize, bool) else normalize
+        self.target_norm = target_norm(option, teacher_key)
+        self.criterion, self.beta = criterion, beta
         self.recon_weight, self.patch_size, self.norm_pix = recon_weight, patch_size, norm_pix
         self.image_key = image_key
 
@@ -167,8 +173,7 @@ class MaskedFeatureLoss(DistillLoss):
                 f"loss {self.name!r}: student tokens {tuple(pred.shape)} vs teacher {tuple(target.shape)} after "
                 "gathering; check num_prefix_tokens, teacher_visible_only, student_dim and teacher_dim"
             )
-        if self.normalize:
-            pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+        pred, target = self.target_norm.student(pred), self.target_norm.teacher(target)
         distance = F.mse_loss if self.criterion == "mse" else F.l1_loss
         loss = self.beta * distance(pred, target)
         if len(s) == 3:

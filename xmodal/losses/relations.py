@@ -16,6 +16,7 @@ from torch import Tensor
 
 from xmodal.contracts import Batch, DistillLoss, Keys
 from xmodal.losses.features import make_projector, to_tokens
+from xmodal.losses.normalize import NormOption, target_norm
 
 
 def pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -102,15 +103,18 @@ class RKDLoss(DistillLoss):
         distance_weight: ``lambda_D``.
         angle_weight: ``lambda_A``; set 0 to skip the ``O(B^3)`` angle term.
         huber_delta: ``delta`` of the Huber loss.
+        normalize: target normalisation (:mod:`xmodal.losses.normalize`); default ``"none"``, as RKD: its
+            potentials are already invariant to the embeddings' translation and scale.
     """
 
     batch_coupled = True  # distances and angles between the samples of the batch
 
     def __init__(
         self, student_key: Keys, teacher_key: Keys, distance_weight: float = 1.0, angle_weight: float = 2.0,
-        huber_delta: float = 1.0, weight: float = 1.0, name: str | None = None,
+        huber_delta: float = 1.0, weight: float = 1.0, name: str | None = None, normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name or "rkd")
+        self.target_norm = target_norm(normalize, teacher_key)
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
         self.huber_delta = huber_delta
@@ -128,8 +132,8 @@ class RKDLoss(DistillLoss):
         return F.huber_loss(triplet_angles(s)[mask], triplet_angles(t)[mask], delta=self.huber_delta)
 
     def forward(self, s: Tensor, t: Tensor, batch: Batch) -> Tensor:
-        s = s.float().flatten(1)
-        t = t.detach().float().flatten(1)
+        s = self.target_norm.student(s.float()).flatten(1)
+        t = self.target_norm.teacher(t.detach().float()).flatten(1)
         if len(s) < 2:
             raise ValueError(f"loss {self.name!r}: RKD needs at least 2 samples per batch, got {len(s)}")
         loss = self.distance_weight * self.distance_loss(s, t) if self.distance_weight else s.sum() * 0
@@ -192,6 +196,9 @@ class TRGLoss(DistillLoss):
         temperature: ``tau`` of the node and edge softmaxes.
         num_nodes: most graph nodes per batch (cost is ``O(M^2)``); ``None`` uses every token.
         node_weight, edge_weight, context_weight: weights of the three terms.
+        normalize: target normalisation (:mod:`xmodal.losses.normalize`); default ``"none"``, as the paper: tokens
+            are L2-normalised anyway (so ``"l2"`` changes nothing), ``"standardize"`` removes the teacher's mean
+            token first.
     """
 
     batch_coupled = True  # the token graph spans all samples of the batch
@@ -199,10 +206,11 @@ class TRGLoss(DistillLoss):
     def __init__(
         self, student_key: Keys, teacher_key: Keys, student_dim: int | None = None, teacher_dim: int | None = None,
         temperature: float = 0.1, num_nodes: int | None = 512, node_weight: float = 1.0, edge_weight: float = 1.0,
-        context_weight: float = 1.0, weight: float = 1.0, name: str | None = None,
+        context_weight: float = 1.0, weight: float = 1.0, name: str | None = None, normalize: NormOption = "none",
     ) -> None:
         super().__init__(student_key, teacher_key, weight, name or "trg")
         self.projector = make_projector(student_dim, teacher_dim)
+        self.target_norm = target_norm(normalize, teacher_key)
         self.temperature = temperature
         self.num_nodes = num_nodes
         self.node_weight = node_weight
@@ -211,7 +219,7 @@ class TRGLoss(DistillLoss):
 
     def tokens(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised ``B x N x D'`` token embeddings of student (projected) and teacher."""
-        s, t = match_grids(s.float(), t.detach().float())
+        s, t = match_grids(s.float(), self.target_norm.teacher(t.detach().float()))
         if s.dim() == 2 or t.dim() == 2:
             raise ValueError(f"expected B x N x D tokens or B x C x H x W maps, got shapes {tuple(s.shape)}, "
                              f"{tuple(t.shape)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import SMOKE_BANNER, format_pm
-from bench.stats import Paired, mean_std, paired, seed_values, verdict
+from bench.stats import Paired, mean_std, paired, reading, seed_values
 
 PAPER_GAIN = (2.0, 3.2)  # UniDistill (CVPR 2023): mAP and NDS gains of its students on nuScenes, points
 LABELS: dict[str, str] = {
@@ -70,7 +70,7 @@ def gain_verdict(metric: str, diff: Paired) -> str:
         where = f"a gain of {gain:.2f} points, within the paper's {low}-{high}"
     else:
         where = f"a gain of {gain:.2f} points, above the paper's {low}-{high}"
-    return f"{metric}: {where}; {verdict(diff)}"
+    return f"{metric}: {where}; {reading(diff)}"
 
 
 def main_table(results: Mapping[str, Any], rows: Sequence[str]) -> list[str]:

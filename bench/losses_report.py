@@ -9,15 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.stats import mean_std
+from bench.report import paired_line
+from bench.stats import mean_std, paired
 
 BASELINE = "kd"  # throughput is reported relative to vanilla KD
 SCRATCH = "scratch"
 
 
 def summarize(rows: Sequence[dict[str, Any]], students: Sequence[str], losses: Sequence[str]) -> dict[str, Any]:
-    """Per student and recipe: accuracy mean / sample std / min / max over seeds, median throughput, and the
-    throughput relative to vanilla KD (``None`` where KD was not run).
+    """Per student and recipe: accuracy mean / sample std / min / max over seeds, median throughput, the
+    throughput relative to vanilla KD (``None`` where KD was not run), and the accuracy difference to scratch paired
+    by seed (points, with its 95 % t interval; :func:`bench.stats.paired`).
 
     Throughput is measured in samples per CPU-second of the process (one torch thread), which stays stable when
     other jobs share the machine; wall-clock samples/s is kept beside it."""
@@ -26,13 +28,35 @@ def summarize(rows: Sequence[dict[str, Any]], students: Sequence[str], losses: S
         per_loss = {loss: _cell([r for r in rows if r["student"] == student and r["loss"] == loss]) for loss in losses}
         base = per_loss.get(BASELINE, {}).get("samples_per_cpu_second")
         scratch = per_loss.get(SCRATCH, {}).get("acc_mean")
-        for cell in per_loss.values():
+        scratch_accs = seed_accuracies(rows, student, SCRATCH)
+        for loss, cell in per_loss.items():
+            diff = paired(seed_accuracies(rows, student, loss), scratch_accs, scale=100.0)
+            cell["paired_vs_scratch"] = None if diff is None or loss == SCRATCH else {
+                "seeds": list(diff.seeds), "mean": diff.mean, "std": diff.std, "ci95": [diff.low, diff.high]}
             speed = cell["samples_per_cpu_second"]
             cell["relative_throughput"] = speed / base if speed and base else None
             known = cell["acc_mean"] is not None and scratch is not None
             cell["acc_delta_vs_scratch"] = cell["acc_mean"] - scratch if known else None
         summary[student] = per_loss
     return summary
+
+
+def seed_accuracies(rows: Sequence[dict[str, Any]], student: str, loss: str) -> dict[int, float]:
+    """``{seed: test accuracy}`` of one student and recipe over the runs that finished."""
+    return {r["seed"]: r["test_acc"] for r in rows
+            if r["student"] == student and r["loss"] == loss and r["status"] == "ok"}
+
+
+def paired_lines(results: dict[str, Any]) -> list[str]:
+    """Each recipe's accuracy against scratch, paired by seed, per student (the harness's verdict)."""
+    lines = ["", "Test accuracy against `scratch`, paired by seed (points):", ""]
+    for student in results["config"]["students"]:
+        for loss in results["config"]["losses"]:
+            if loss != SCRATCH:
+                diff = paired(seed_accuracies(results["runs"], student, loss),
+                              seed_accuracies(results["runs"], student, SCRATCH), scale=100.0)
+                lines.append(f"- {paired_line(f'{student.upper()} `{loss}`', diff, digits=1)}")
+    return lines
 
 
 def _cell(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -112,6 +136,8 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [_fmt_acc(c), _fmt(c["acc_delta_vs_scratch"], "+.1f", 100), _fmt(c["relative_throughput"], ".2f")]
         cells.append(results["recipes"][loss])
         lines.append("| " + " | ".join(cells) + " |")
+    if SCRATCH in cfg["losses"] and len(cfg["losses"]) > 1:
+        lines += paired_lines(results)
     errors = [(s, loss, e) for s in students for loss in cfg["losses"] for e in summary[s][loss]["errors"]]
     if errors:
         lines += ["", "Failures:", ""] + [f"- {s} / `{loss}`: {e}" for s, loss, e in errors]

@@ -89,14 +89,20 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0) -
     return Paired(seeds, differences, mean, std, mean - half, mean + half)
 
 
-def verdict(diff: Paired, unit: str = "points", digits: int = 2) -> str:
-    """One line: which way the difference goes and whether its 95 % interval excludes zero."""
-    size = f"{diff.mean:+.{digits}f} {unit}"
+def reading(diff: Paired, digits: int = 2) -> str:
+    """Whether the 95 % interval of a paired difference excludes zero: ``"95% CI [+0.81, +14.19] over 4 seeds: a
+    clear gain"``, ``"... within seed noise"``, ``"... a clear loss"``, or that one seed gives no interval."""
     if diff.low is None or diff.high is None:
-        return f"{size} from a single seed: no estimate of seed noise, not conclusive"
+        return "from a single seed: no estimate of seed noise, not conclusive"
     interval = f"95% CI [{diff.low:+.{digits}f}, {diff.high:+.{digits}f}] over {diff.n} seeds"
     if diff.low > 0:
-        return f"{size}, {interval}: a clear gain"
+        return f"{interval}: a clear gain"
     if diff.high < 0:
-        return f"{size}, {interval}: a clear loss"
-    return f"{size}, {interval}: within seed noise"
+        return f"{interval}: a clear loss"
+    return f"{interval}: within seed noise"
+
+
+def verdict(diff: Paired, unit: str = "points", digits: int = 2) -> str:
+    """One line: the mean difference and :func:`reading` of its interval."""
+    separator = " " if diff.low is None else ", "
+    return f"{diff.mean:+.{digits}f} {unit}{separator}{reading(diff, digits)}"

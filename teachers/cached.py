@@ -2,7 +2,9 @@
 
 Shards written by ``xmodal cache`` carry ``teacher.<output key>.npy`` fields (float16) and sit beside a
 ``manifest.json`` that identifies the teacher (name, weights hash, preprocessing, output keys, dtype). The
-data module decodes those fields into ``batch["teacher/<output key>"]``.
+data module decodes those fields into ``batch["teacher/<output key>"]``. The manifest also holds per-dimension
+statistics of the cached outputs (``stats``), which :attr:`CachedTeacher.stats` serves and a loss's
+``normalize: {class_path: TargetNorm, init_args: {mode: standardize, stats: <manifest.json>}}`` reads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from xmodal.contracts import CACHE_ID, CACHE_PREFIX, TOPI, TOPV, Batch, Outputs, Teacher
+from xmodal.data.stats import TargetStats, TeacherStats
 
 MANIFEST = "manifest.json"
 
@@ -59,6 +62,8 @@ class CachedTeacher(nn.Module, Teacher):
         self.output_keys = tuple(self.cache_manifest["teacher_manifest"]["output_keys"])
         self.constants: dict[str, float] = dict(self.cache_manifest.get("constants", {}))
         self.top_k: dict[str, dict[str, int]] = dict(self.cache_manifest.get("top_k", {}))
+        # per-dimension statistics of the cached outputs (caches written before they existed have none)
+        self.stats: dict[str, TargetStats] = TeacherStats.from_dict(self.cache_manifest.get("stats", {})).keys
 
     def forward(self, batch: Batch) -> Outputs:
         self.check_cache_ids(batch.get(CACHE_ID))

@@ -120,6 +120,26 @@ def test_sequences_are_stored_trimmed_with_bool_masks(speech_cache: tuple[Path, 
     assert by_duration == sorted(by_duration) and by_duration[0] < by_duration[-1]  # longer audio, more frames
 
 
+def test_the_manifest_holds_the_statistics_of_the_cached_values(speech_cache: tuple[Path, ConformerTeacher]) -> None:
+    """Stats of every cached float output over its valid positions only, equal to numpy on the stored values."""
+    root, teacher = speech_cache
+    cached = CachedTeacher(str(root / "cache"), teacher)
+    fields = cached_fields(next((root / "cache").glob("train-*.tar")))
+    assert sorted(cached.stats) == ["audio.frames", "audio.sequence", "audio.token_states"]
+    for key in cached.stats:
+        rows = []
+        for arrays in fields.values():
+            value = arrays[f"teacher.{key}.npy"].astype(np.float64)
+            mask = arrays.get(f"teacher.{key}_mask.npy")
+            rows.append(value[mask] if mask is not None else value[None])
+        data = np.concatenate(rows)
+        stats = cached.stats[key]
+        assert stats.count == len(data)
+        assert np.allclose(stats.mean.numpy(), data.mean(0), atol=1e-6)
+        assert np.allclose(stats.std.numpy(), data.std(0), atol=1e-6)
+        assert np.allclose(stats.quantiles()["0.5"], np.quantile(data, 0.5, axis=0))
+
+
 def test_cached_batches_mix_lengths_and_match_the_live_teacher(speech_cache: tuple[Path, ConformerTeacher]) -> None:
     root, teacher = speech_cache
     mods = modalities()

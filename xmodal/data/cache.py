@@ -2,10 +2,11 @@
 
 The new shards hold every original field untouched plus ``teacher.<output key>.npy`` (float outputs as float16,
 masks as bool, integer outputs as int32), and the output folder gets ``manifest.json`` with the teacher's identity
-(its :meth:`manifest`), the source pattern, the dtype, the sample count and the corrupt samples skipped (as training
-skips them: any decoder failure). Shards appear only once all are written, so a failed run leaves the folder as it
-was, and an output folder holding the source shards under the same prefix is refused.
-:class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
+(its :meth:`manifest`), the source pattern, the dtype, the sample count, the corrupt samples skipped (as training
+skips them: any decoder failure) and, under ``stats``, per-dimension statistics of every cached float output over
+the cached values (:mod:`xmodal.data.stats`; what ``normalize: standardize`` losses can read). Shards appear only
+once all are written, so a failed run leaves the folder as it was, and an output folder holding the source shards
+under the same prefix is refused. :class:`~xmodal.teachers.cached.CachedTeacher` refuses a cache whose manifest
 does not match the configured teacher. Outputs are computed on the un-augmented samples (the modalities'
 evaluation transform), so a cache is only valid for training without teacher-side augmentation.
 
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from xmodal.contracts import MASK_SUFFIX, TOPI, TOPV, Modality, Teacher
 from xmodal.data.decoders import CACHE_FIELD_PREFIX, CACHE_ID_FIELD, collate_items, decode_or_skip
 from xmodal.data.shards import existing_shards, shard_pattern, write_shards
+from xmodal.data.stats import TeacherStats
 from xmodal.data.wds import FAILED, REMOTE, expand_shards, move_batch, prepare_on_device, read_shards
 from xmodal.teachers.cached import MANIFEST
 
@@ -136,6 +138,7 @@ def _with_outputs(
         batch = prepare_on_device(move_batch(batch, device), modalities, train=False)
         with torch.inference_mode():
             arrays = _to_arrays(teacher(batch), top_k, stats)
+        stats["target_stats"].update(arrays)
         lengths = _valid_lengths(arrays)
         for i, sample in enumerate(raw):
             for key, array in _sample_arrays(arrays, lengths, i).items():
@@ -171,7 +174,7 @@ def cache_teacher(
             raise OutputOverlapsInput(f"refusing to cache into {out}: {path} is a source shard and would be "
                                       "overwritten or deleted; choose another --out or --prefix")
     stats: dict[str, Any] = {"count": 0, "skipped": [], "constants": {}, "top_k": {}, "cache_id": uuid.uuid4().hex,
-                             "failed_shards": []}
+                             "failed_shards": [], "target_stats": TeacherStats()}
     started = time.perf_counter()
     paths = write_shards(_with_outputs(teacher, modalities, shards, batch_size, device, stats, top_k), out, prefix,
                          max_count=shard_size)
@@ -187,6 +190,7 @@ def cache_teacher(
         "failed_shards": stats["failed_shards"],
         "constants": stats["constants"],
         "top_k": stats["top_k"],
+        "stats": stats["target_stats"].to_dict(),
         "seconds": round(time.perf_counter() - started, 3),
     }
     partial = out / f".{MANIFEST}.partial"

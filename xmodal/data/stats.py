@@ -5,7 +5,8 @@ dimension; a ``B x C x H x W`` map is read as ``H W`` vectors of its ``C`` chann
 :func:`~xmodal.losses.features.to_tokens` does) the count, per-dimension mean, standard deviation (population,
 ``ddof=0``), largest ``|x|`` and a few quantiles, and two summaries: the mean square per dimension and the share of
 the energy held by the mean vector, ``||mean||^2 / mean ||x||^2`` (1 when the output is one constant vector).
-Positions where ``<key>_mask`` is ``False`` are left out.
+Positions where ``<key>_mask`` is ``False`` are left out. ``xmodal cache`` gathers them over the cached (float16)
+values and stores them in the manifest under ``stats``; ``xmodal stats`` over a recipe's live teacher.
 
 Moments are exact (float64 sums). Quantiles are exact while at most ``reservoir_elements / dims`` vectors have been
 seen; beyond that they are computed from a uniform random sample of that many vectors (reservoir sampling, Vitter's
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xmodal.contracts import MASK_SUFFIX
+from xmodal.contracts import MASK_SUFFIX, TOPV
 
 QUANTILES = (0.01, 0.5, 0.99)
 RESERVOIR_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 24
 
 
 def feature_rows(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -94,14 +96,13 @@ class TargetStats:
         assert self._sumsq is not None and self._max_abs is not None
         if rows.shape[-1] != self._sum.numel():
             raise ValueError(f"output width changed from {self._sum.numel()} to {rows.shape[-1]}")
-        if len(rows) == 0:
-            return
-        wide = rows.double()
-        self._sum += wide.sum(0).cpu()
-        self._sumsq += wide.square().sum(0).cpu()
-        self._max_abs = torch.maximum(self._max_abs, wide.abs().amax(0).cpu())
-        self._sample(rows)
-        self.count += len(rows)
+        for chunk in rows.split(max(1, CHUNK_ELEMENTS // rows.shape[-1])):  # bounds the float64 copy
+            wide = chunk.double()
+            self._sum += wide.sum(0).cpu()
+            self._sumsq += wide.square().sum(0).cpu()
+            self._max_abs = torch.maximum(self._max_abs, wide.abs().amax(0).cpu())
+            self._sample(chunk)
+            self.count += len(chunk)
 
     def _sample(self, rows: Tensor) -> None:
         """Algorithm R over the stream of rows: row ``g`` (0-based) replaces a random slot with chance ``R/(g+1)``."""
@@ -200,7 +201,7 @@ class TeacherStats:
         for key, value in outputs.items():
             if not _is_target(key, value):
                 continue
-            mask = outputs.get(key + MASK_SUFFIX)
+            mask = outputs.get(key.removesuffix(TOPV) + MASK_SUFFIX)  # cached top-k values share their logits' mask
             if key not in self.keys:
                 self.keys[key] = TargetStats(self.quantile_levels, self.reservoir_elements)
             self.keys[key].update(torch.as_tensor(value), None if mask is None else torch.as_tensor(mask))

@@ -30,7 +30,8 @@ class NormDirectionLoss(DistillLoss):
     averaged over the batch. While ``||f_s|| < ||f_t||`` the denominator is the constant ``||f_t||``, so the
     loss falls only by growing the projection of ``f_s`` on the class direction (the norm term); once the
     student is longer than the teacher it reduces to ``1 - cos(f_s, c_y)`` (the direction term). The paper
-    adds this term to a logit loss (KD, DKD, ...); here that is another entry in the distiller's list.
+    adds this term to a logit loss (KD, DKD, ...); here that is another entry in the distiller's list. It takes no
+    ``normalize`` (:mod:`xmodal.losses.normalize`): the norm term needs the teacher's raw length ``||f_t||``.
 
     Class means ``c`` live in the registered buffer ``class_means`` (``num_classes x teacher_dim``, saved in
     checkpoints) and come from one of two sources:

@@ -152,6 +152,7 @@ class OFALoss(DistillLoss):
     The branches belong to the loss, so they train with the student and are dropped at export. As in the
     official code the per-branch losses are summed (``reduction="sum"``); to also apply the loss to the
     student's final logits, add that key with ``kind="logits"`` (or use a second ``OFALoss`` with its own weight).
+    It takes no ``normalize`` (:mod:`xmodal.losses.normalize`): its targets are logits, scaled by the temperature.
 
     Args:
         student_key: student feature key(s), one branch each.

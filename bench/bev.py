@@ -241,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         harness.save_json(results, json_path)
 
-    harness.run_pending(harness.plan(rows, args.seeds, seed_major=True), results["runs"],
+    budgets = {row: args.teacher_steps if ROWS[row].trains_teacher else args.steps for row in rows}
+    runs = harness.plan({row: ROWS[row].recipe for row in rows}, args.seeds, budgets, seed_major=True)
+    harness.run_pending(runs, results["runs"],
                         lambda run: run_row(bench, results, run), save,
                         pending=lambda run: must_run(bench, results["runs"], rows, run))
     save()

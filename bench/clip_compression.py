@@ -119,20 +119,20 @@ def ensure_cache(corpus: Corpus) -> None:
     harness.xmodal(["cache", "--config", str(corpus.write(corpus.load("cache/teacher_outputs.yaml"), "teacher_cache"))])
 
 
-def run_student(corpus: Corpus, run: Run, steps: int, probe_every: int) -> dict[str, Any]:
+def run_student(corpus: Corpus, run: Run, probe_every: int) -> dict[str, Any]:
     """Train one student; returns its export folder, wall seconds and probe history."""
     export = corpus.work / run.name
     if run.method == "affinity+auto":
-        seconds = run_progressive(corpus, run, steps, probe_every)
+        seconds = run_progressive(corpus, run, probe_every)
         export = corpus.work / run.name / "stage2" / "pruned"
     else:
-        config = corpus.load(METHODS[run.method])
+        config = corpus.load(run.recipe)
         if run.method != "scratch":
             for section, values in corpus.load("cache/use_cache.yaml").items():
                 config[section].update(values)
         config["seed_everything"] = run.seed
         trainer = config["trainer"]
-        trainer["max_steps"] = steps
+        trainer["max_steps"] = run.steps
         trainer["logger"]["init_args"] = {"save_dir": str(corpus.work / "logs"), "name": run.name}
         trainer["callbacks"][0]["init_args"]["out_dir"] = str(export)
         trainer["callbacks"].append(corpus.probe(run.name, probe_every))
@@ -141,14 +141,14 @@ def run_student(corpus: Corpus, run: Run, steps: int, probe_every: int) -> dict[
     return {"export": str(export), "train_seconds": seconds, "probe": history}
 
 
-def run_progressive(corpus: Corpus, run: Run, steps: int, probe_every: int) -> float:
+def run_progressive(corpus: Corpus, run: Run, probe_every: int) -> float:
     """Two auto-inheritance stages of ``steps // 2`` each (``xmodal compress``); their probe histories are joined
     into one curve."""
-    spec = corpus.load(METHODS["affinity+auto"])
+    spec = corpus.load(run.recipe)
     spec["out_dir"] = str(corpus.work / run.name)
     spec["teacher_cache"] = str(corpus.work / "teacher_cache")
     spec["fit"]["seed_everything"] = run.seed
-    half = steps // 2
+    half = run.steps // 2
     for stage in spec["stages"]:
         stage.update({"max_steps": half, "warmup_steps": min(int(stage.get("warmup_steps", 0)), half // 2)})
     spec["fit"]["trainer"]["callbacks"] = [corpus.probe(f"{run.name}-stage{{stage}}", probe_every)]
@@ -216,9 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             entry["teacher_reused_from"] = reuse[name]
 
         def train(run: Run, corpus: Corpus = corpus) -> dict[str, Any]:
-            return run_student(corpus, run, args.steps, args.probe_every)
+            return run_student(corpus, run, args.probe_every)
 
-        harness.run_pending(harness.plan(args.methods, args.seeds), entry["runs"], train,
+        runs = harness.plan({method: METHODS[method] for method in args.methods}, args.seeds, args.steps)
+        harness.run_pending(runs, entry["runs"], train,
                             lambda: harness.save_json(results, json_path))
     report(results, args.out, list(METHODS))
 

@@ -138,10 +138,12 @@ def ensure_corpus(name: str, out: Path, *, accept: Callable[[dict[str, Any]], bo
 
 @dataclass(frozen=True)
 class Run:
-    """One entry of a benchmark's plan: a method (a recipe) trained with one seed."""
+    """One entry of a benchmark's plan: a method's recipe trained with one seed for a step budget."""
 
     method: str
     seed: int
+    recipe: str = ""  # the recipe's config file, relative to the benchmark's configs folder
+    steps: int = 0  # optimizer steps
 
     @property
     def key(self) -> str:
@@ -154,13 +156,14 @@ class Run:
         return f"{self.method}-seed{self.seed}"
 
 
-def plan(methods: Iterable[str], seeds: Iterable[int], seed_major: bool = False) -> list[Run]:
-    """Every method x seed, method by method (``seed_major``: seed by seed, so that an interrupted benchmark leaves
-    every method with the same seeds done)."""
-    methods, seeds = list(methods), list(seeds)
-    if seed_major:
-        return [Run(method, seed) for seed in seeds for method in methods]
-    return [Run(method, seed) for method in methods for seed in seeds]
+def plan(recipes: Mapping[str, str], seeds: Iterable[int], steps: int | Mapping[str, int],
+         seed_major: bool = False) -> list[Run]:
+    """Every method (``{method: recipe}``) x seed at its step budget (one for all, or per method), method by method
+    (``seed_major``: seed by seed, so that an interrupted benchmark leaves every method with the same seeds done)."""
+    seeds = list(seeds)
+    budget = steps if isinstance(steps, Mapping) else dict.fromkeys(recipes, steps)
+    pairs = [(m, s) for s in seeds for m in recipes] if seed_major else [(m, s) for m in recipes for s in seeds]
+    return [Run(method, seed, recipes[method], budget[method]) for method, seed in pairs]
 
 
 def run_pending(runs: Iterable[Run], done: MutableMapping[str, Any], execute: Callable[[Run], Any],

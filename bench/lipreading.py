@@ -333,15 +333,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             "vector and CER from the shards, so their step times exclude the teacher.")}
         save()
     def run_student(run: harness.Run) -> dict[str, Any]:
-        entry = {"train": bench.fit({**METHODS, **EXTRA_METHODS}[run.method], run.name, run.seed, args.steps)}
+        entry = {"train": bench.fit(run.recipe, run.name, run.seed, run.steps)}
         start = time.perf_counter()
         entry["eval"] = bench.eval_student(run.name, subsets)
         entry["eval_seconds"] = time.perf_counter() - start
         results["timings"].setdefault(run.method, entry["train"])
         return entry
 
-    harness.run_pending(harness.plan(args.methods, args.seeds, seed_major=True), results["runs"], run_student, save,
-                        pending=lambda run: run.key not in results["runs"] and not args.report_only)
+    recipes = {method: {**METHODS, **EXTRA_METHODS}[method] for method in args.methods}
+    harness.run_pending(harness.plan(recipes, args.seeds, args.steps, seed_major=True), results["runs"], run_student,
+                        save, pending=lambda run: run.key not in results["runs"] and not args.report_only)
     for key, entry in results["runs"].items():  # each run's log is summarised once, after it finished
         if "log" not in entry:
             entry["log"] = read_log(bench.work / "logs" / key.replace("/seed", "-seed"))

@@ -60,9 +60,12 @@ def test_seed_values_read_nested_metrics_of_one_method() -> None:
 
 
 def test_runs_resume_and_keep_their_order() -> None:
-    assert plan(["a", "b"], [0, 1]) == [Run("a", 0), Run("a", 1), Run("b", 0), Run("b", 1)]
-    assert plan(["a", "b"], [0, 1], seed_major=True) == [Run("a", 0), Run("b", 0), Run("a", 1), Run("b", 1)]
+    recipes = {"a": "a.yaml", "b": "b.yaml"}
+    assert [(r.method, r.seed) for r in plan(recipes, [0, 1], 10)] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    by_seed = plan(recipes, [0, 1], {"a": 10, "b": 20}, seed_major=True)
+    assert by_seed == [Run("a", 0, "a.yaml", 10), Run("b", 0, "b.yaml", 20), Run("a", 1, "a.yaml", 10),
+                       Run("b", 1, "b.yaml", 20)]
     done: dict[str, object] = {"a/seed0": "old"}
     saved: list[int] = []
-    run_pending(plan(["a"], [0, 1]), done, lambda run: run.name, lambda: saved.append(len(done)))
+    run_pending(plan({"a": "a.yaml"}, [0, 1], 10), done, lambda run: run.name, lambda: saved.append(len(done)))
     assert done == {"a/seed0": "old", "a/seed1": "a-seed1"} and saved == [2]

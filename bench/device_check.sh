@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1; fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, lightning, xmodal.cli; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+$PY -c "import importlib, torch, lightning, bench.harness as h; importlib.import_module(h.XMODAL_MAIN); print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 for section in ${*:-tests perf}; do
   case $section in
     tests)

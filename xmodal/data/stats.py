@@ -110,7 +110,7 @@ class TargetStats:
         held = 0 if self._reservoir is None else len(self._reservoir)
         fill = min(capacity - held, len(rows))
         if fill > 0:
-            head = rows[:fill].float().cpu()
+            head = rows[:fill].to("cpu", torch.float32, copy=True)  # a copy: the sample is written into later
             self._reservoir = head if self._reservoir is None else torch.cat([self._reservoir, head])
         rest = len(rows) - fill
         if rest <= 0:

@@ -8,6 +8,8 @@
   ``transformers`` folder.
 * ``xmodal cache --config cache.yaml``: run a teacher over shards once and store its outputs in new shards.
 * ``xmodal stats --config recipe.yaml [--batches N]``: per-dimension statistics of the teacher's outputs.
+* ``xmodal tune --config recipe.yaml --space space.yaml --metric val/cer --direction minimize``: search
+  hyperparameters with Optuna (pruning, resumable SQLite or shared database study, best config as an overlay).
 * ``xmodal eval zeroshot|retrieval|base2novel|asr|bev ...``: benchmark a checkpoint or zoo model.
 * ``xmodal compress --config stages.yaml``: progressive multi-stage compression (TinyCLIP automatic inheritance).
 * ``xmodal search-student --teacher ... --candidates ... --data ...``: rank student architectures without training
@@ -28,6 +30,7 @@ VERBS = {
     "convert": ("convert", "convert_main"),
     "cache": ("cache", "cache_main"),
     "stats": ("stats", "stats_main"),
+    "tune": ("tune", "tune_main"),
     "compress": ("compress", "compress_main"),
     "search-student": ("search", "search_main"),
     "class-vectors": ("class_vectors", "class_vectors_main"),

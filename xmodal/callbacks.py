@@ -5,6 +5,8 @@
   (the transforms and the augmenter are in :mod:`xmodal.losses.augment`);
 * :class:`TGeoKDMetaCallback`: TGeo-KD's outer (meta) step (:func:`xmodal.losses.weighting.tgeo_meta_step`);
 * :class:`MixSpeechSchedule`: MixSpeech's audio-share curriculum (:func:`xmodal.losses.mixspeech.mix_ratio`).
+* :class:`GradientDiagnostics`: each loss term's gradient on the student, against the task loss's
+  (:mod:`xmodal.diagnostics`; ``xmodal fit --diagnose``), and an optional one-time rescaling of the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, to_float_image
+from xmodal.diagnostics import Diagnostics, auto_weights, diagnose
+from xmodal.distiller import Distiller
 from xmodal.losses.augment import CutMixKD, HARDAugmenter, MixupKD, hard_update
 from xmodal.losses.mixspeech import mix_ratio
 from xmodal.losses.weighting import LogitsFn, TGeoKDLoss, tgeo_meta_step
@@ -301,3 +305,83 @@ class MixSpeechSchedule(L.Callback):
             raise AttributeError(f"{type(student).__name__} has no mix_lambda: use a LipReader with audio_frontend")
         student.mix_lambda = lam
         pl_module.log("train/mix_lambda", lam, on_step=True, on_epoch=False, batch_size=1)
+
+
+DEFAULT_DIAGNOSE_EVERY = 100  # the interval of ``xmodal fit --diagnose``
+
+
+class GradientDiagnostics(L.Callback):
+    """Measure every loss term's gradient on the student (:func:`xmodal.diagnostics.diagnose`) during ``fit``.
+
+    At the first training batch of a fit (step 0) and then every ``every_n_steps`` optimizer steps, on the training
+    batch as the step receives it, before the step runs: each term's value, the norm of its weighted gradient per
+    part of the student, its ratio to the task loss's and the cosine with the task loss's gradient are logged as
+    ``diag/<term>/value``, ``diag/<term>/grad_<part>`` (``grad_all``: the whole student), ``diag/<term>/ratio``,
+    ``diag/<term>/cos_task`` and ``diag/<term>/cos_task_<part>``. The first measurement is also printed as a table
+    (rank zero) with the distillation terms that dominate, vanish or fight the task flagged. The measurement does
+    not touch the training step: no ``.grad`` is written, and RNGs and buffers are restored.
+
+    ``auto_weight`` is a *one-time rescaling at step 0*, not a dynamic scheme: on the first measurement each
+    distillation term named by it gets the weight that puts its gradient norm, on the student parameters it shares
+    with the task loss, at the stated multiple of the task loss's (:func:`xmodal.diagnostics.auto_weights`); the
+    weights then stay fixed. The new weights are printed, logged as ``diag/<term>/weight``, and kept in the
+    callback's checkpoint state, so that a resumed run trains with them.
+
+    Args:
+        every_n_steps: measurement interval in optimizer steps.
+        parts: ``{part: [student parameter name prefixes]}``; default: by the first component(s) of the names.
+        task_terms: names of the loss terms that make the task loss; default: the student-only terms.
+        auto_weight: ``{"ratio": r}`` (every distillation term) and/or ``{term name: r}``; ``None``: weights untouched.
+    """
+
+    def __init__(self, every_n_steps: int = DEFAULT_DIAGNOSE_EVERY, parts: dict[str, list[str]] | None = None,
+                 task_terms: list[str] | None = None, auto_weight: dict[str, float] | None = None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps, self.parts, self.task_terms = every_n_steps, parts, task_terms
+        self.auto_weight = dict(auto_weight) if auto_weight else None
+        self.weights: dict[str, float] = {}  # chosen by auto_weight; checkpointed
+        self.history: list[tuple[int, Diagnostics]] = []
+        self._last_step: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, Distiller):
+            raise TypeError(f"GradientDiagnostics measures a Distiller's loss terms, not a {type(pl_module).__name__}")
+        self._last_step = None
+        set_weights(pl_module, self.weights)  # a resumed run's rescaled weights
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step, first = trainer.global_step, self._last_step is None
+        if step == self._last_step or not (first or step % self.every_n_steps == 0):
+            return  # measured already (accumulated micro-batches share a step), or not due
+        self._last_step = step
+        distiller = cast(Distiller, pl_module)
+        with trainer.precision_plugin.train_step_context():
+            result = diagnose(distiller, batch, self.parts, self.task_terms)
+        self.history.append((step, result))
+        pl_module.log_dict(result.metrics(), on_step=True, on_epoch=False, batch_size=1)
+        if first and trainer.is_global_zero:
+            print(f"xmodal gradient diagnostics at step {step}:\n{result.table()}", flush=True)
+        if self.auto_weight and not self.weights:
+            self.weights = auto_weights(result, self.auto_weight)
+            set_weights(distiller, self.weights)
+            pl_module.log_dict({f"diag/{name}/weight": w for name, w in self.weights.items()}, on_step=True,
+                               on_epoch=False, batch_size=1)
+            if trainer.is_global_zero:
+                print("xmodal auto_weight (one-time, step 0): "
+                      + ", ".join(f"{name} = {w:.4g}" for name, w in self.weights.items()), flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.weights = dict(state_dict.get("weights", {}))
+
+
+def set_weights(distiller: Distiller, weights: dict[str, float]) -> None:
+    """Set the weight of each named loss term."""
+    for loss in distiller.terms:
+        if loss.name in weights:
+            loss.weight = weights[loss.name]

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from xmodal.callbacks import DEFAULT_DIAGNOSE_EVERY, GradientDiagnostics
 from xmodal.data.wds import WdsDataModule
 from xmodal.distiller import ConfigKeyError, Distiller
 from xmodal.plugins import load_plugins
@@ -30,8 +31,16 @@ class XmodalCLI(LightningCLI):
     """LightningCLI with xmodal's defaults; ``seed_everything`` is on by default for reproducible runs.
 
     Checkpoints go through :class:`~xmodal.checkpoint.SafeCheckpointIO` (a damaged checkpoint gives a clear error)
-    unless the config chooses another ``CheckpointIO`` plugin.
+    unless the config chooses another ``CheckpointIO`` plugin. ``--diagnose[=K]`` adds a
+    :class:`~xmodal.callbacks.GradientDiagnostics` callback (every ``K`` steps) to the trainer.
     """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--diagnose", type=int | None, nargs="?", const=DEFAULT_DIAGNOSE_EVERY, default=None, metavar="K",
+            help="fit: print each loss term's gradient norm per part of the student, its ratio to the task loss's "
+                 "and their cosine at the start, and log them every K steps (--diagnose=K; "
+                 f"--diagnose: every {DEFAULT_DIAGNOSE_EVERY})")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -41,6 +50,9 @@ class XmodalCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        every = self._get(self.config_init, "diagnose")
+        if every:
+            trainer.callbacks.append(GradientDiagnostics(every_n_steps=every))  # type: ignore[attr-defined]
         return trainer
 
     def _parse_ckpt_path(self) -> None:

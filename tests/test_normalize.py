@@ -19,6 +19,7 @@ from xmodal.losses import (
     RKDLoss,
     TimeAlignedMSELoss,
     UniDistillFeatureLoss,
+    UniDistillRelationLoss,
 )
 from xmodal.losses.normalize import TargetNorm, target_norm
 
@@ -186,6 +187,18 @@ def test_masked_feature_loss_true_is_l2() -> None:
     assert torch.allclose(flag, F.mse_loss(F.normalize(tokens, dim=-1), F.normalize(target, dim=-1)))
 
 
-def test_unidistill_feature_loss_standardizes_keypoint_features() -> None:
-    loss = UniDistillFeatureLoss(normalize="none")
-    assert loss.target_norm.mode == "none" and UniDistillFeatureLoss(normalize="l2").target_norm.mode == "l2"
+def test_unidistill_feature_and_relation_losses_standardize_keypoint_channels() -> None:
+    from xmodal.modalities.bev_nets import BEVGrid
+
+    grid = BEVGrid(x_range=(-2, 2), y_range=(-2, 2), z_range=(-1, 3), cell=1.0, stride=1, classes=("car",))
+    boxes = torch.zeros(1, 1, 9)
+    boxes[0, 0, :7] = torch.tensor([0.0, 0.0, 0.5, 2.0, 2.0, 1.0, 0.3])
+    batch = {"boxes": boxes, "box_counts": torch.tensor([1]), "box_labels": torch.zeros(1, 1, dtype=torch.long)}
+    torch.manual_seed(5)
+    s, t = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    big = t * 100 + torch.tensor([5.0, -9.0, 30.0])[None, :, None, None]  # per channel
+    for make in (UniDistillFeatureLoss, UniDistillRelationLoss):
+        on_raw = make(grid, normalize="standardize").train()(s, t, batch)
+        on_big = make(grid, normalize="standardize").train()(s, big, batch)
+        assert torch.allclose(on_raw, on_big, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(make(grid)(s, t, batch), make(grid)(s, big, batch))

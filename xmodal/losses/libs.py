@@ -13,15 +13,15 @@ through the character -> token map ``audio.char_token``. The teacher's own CER i
 (``audio.hypothesis_chars``, Unicode code points) against ``batch["transcript"]``.
 
 **Filtering.** With ``max_cer`` set, every term computes the teacher's CER and averages only over
-samples whose CER is ``<= max_cer``; the others get zero weight, hence zero gradient.
-
-**Normalisation.** Every term takes ``normalize`` (:mod:`xmodal.losses.normalize`), default ``"none"`` as in LIBS,
-which regresses raw teacher vectors; ``"standardize"`` is what made the frame term stop saturating the student
-with Whisper targets (issue 21). The context term normalises the per-character vectors, so its running statistics
-count a token once per character it holds (stored ones are per token). ``last_metrics`` holds the
+samples whose CER is ``<= max_cer``; the others get zero weight, hence zero gradient. ``last_metrics`` holds the
 kept fraction, which the :class:`~xmodal.distiller.Distiller` logs as ``<stage>/<loss name>/kept_fraction``.
 Averaging over kept samples keeps the loss scale independent of how many survive; a batch with none kept gives
 0 (with a graph, so the backward still runs).
+
+**Normalisation.** Every term takes ``normalize`` (:mod:`xmodal.losses.normalize`), default ``"none"`` as in LIBS,
+which regresses raw teacher vectors; issue 21 reports that standardised Whisper targets stop the frame term from
+saturating the student. The context term normalises the per-character vectors, so its running statistics count
+a token once per character it holds (stored ones count it once).
 
 **Keeping the frame attention from collapsing.** The attention is trained through the loss it feeds, so it can
 learn to point video frames at whichever audio frames are easiest to predict (silence, say) instead of the ones

@@ -9,6 +9,7 @@ from typing import Any, cast
 import lightning as L
 import pytest
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -234,3 +235,20 @@ def test_fit_diagnose_prints_the_table(tmp_path: Path, monkeypatch: pytest.Monke
     [callback] = [c for c in cast(Any, trainer).callbacks if isinstance(c, GradientDiagnostics)]
     assert callback.every_n_steps == 100
     assert "diag/libs_frame/cos_task" in trainer.logged_metrics
+
+
+def test_resumed_callback_keeps_its_rescaled_weights() -> None:
+    L.seed_everything(0)
+    model = linear_distiller()
+    callback = GradientDiagnostics(auto_weight={"ratio": 1.0})
+    callback.load_state_dict({"weights": {"distill": 7.0}})  # as from a checkpoint
+    fit(model, 1, callback)
+    assert model.terms[1].weight == 7.0 and callback.history[0][1].term("distill").weight == 7.0
+
+
+def test_diagnose_interval_is_a_config_value(capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).resolve().parent.parent / "configs/tiny/lipreading.yaml"
+    for flag, every in [("--diagnose=5", 5), ("--diagnose", 100)]:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), flag, "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["diagnose"] == every

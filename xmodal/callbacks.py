@@ -365,7 +365,8 @@ class GradientDiagnostics(L.Callback):
         if first and trainer.is_global_zero:
             print(f"xmodal gradient diagnostics at step {step}:\n{result.table()}", flush=True)
         if self.auto_weight and not self.weights:
-            self.weights = auto_weights(result, self.auto_weight)
+            # rank zero's batch decides, so that every DDP rank trains with the same weights
+            self.weights = trainer.strategy.broadcast(auto_weights(result, self.auto_weight), src=0)
             set_weights(distiller, self.weights)
             pl_module.log_dict({f"diag/{name}/weight": w for name, w in self.weights.items()}, on_step=True,
                                on_epoch=False, batch_size=1)

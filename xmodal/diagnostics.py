@@ -227,13 +227,13 @@ def diagnose(distiller: Distiller, batch: Batch, parts: Parts | None = None,
         weighted = {loss.name: gradients(loss.weight * values[loss.name], params) for loss in distiller.terms
                     if loss.name in task_names}
         task = _sum_gradients([weighted[name] for name in task_names], len(params))
-        task_sq = _dots(task, task)
+        reference = _TaskGradient(task, _dots(task, task), part_of, list(groups))
         terms = []
         for loss in distiller.terms:
             grads = weighted[loss.name] if loss.name in weighted else gradients(loss.weight * values[loss.name], params)
             terms.append(_term(loss.name, loss.weight, float(values[loss.name].detach()), loss.name in task_names,
-                               (grads, task), task_sq, part_of, list(groups)))
-    task_norm = dict(zip([*groups, ALL], _per_part(task_sq, part_of, len(groups)).sqrt().tolist(), strict=True))
+                               grads, reference))
+    task_norm = dict(zip([*groups, ALL], reference.per_part(reference.squares).sqrt().tolist(), strict=True))
     return Diagnostics(parts=list(groups), task_terms=task_names, task_grad_norm=task_norm, terms=terms)
 
 
@@ -256,29 +256,36 @@ def _dots(grads: Sequence[Tensor | None], other: Sequence[Tensor | None]) -> Ten
     return torch.stack([zero if d is None else d for d in dots]).cpu() if dots else torch.zeros(0, dtype=torch.float64)
 
 
-def _per_part(per_param: Tensor, part_of: Tensor, count: int) -> Tensor:
-    """Sums per part, then the total: ``count + 1`` values."""
-    sums = torch.zeros(count, dtype=per_param.dtype).index_add_(0, part_of, per_param)
-    return torch.cat([sums, sums.sum().reshape(1)])
+@dataclass(frozen=True)
+class _TaskGradient:
+    """The task loss's gradient per parameter, its squares, and the part index of each parameter."""
+
+    grads: list[Tensor | None]
+    squares: Tensor
+    part_of: Tensor
+    parts: list[str]
+
+    def per_part(self, per_param: Tensor) -> Tensor:
+        """Sums per part, then the total: one value per part and one for ``"all"``."""
+        sums = torch.zeros(len(self.parts), dtype=per_param.dtype).index_add_(0, self.part_of, per_param)
+        return torch.cat([sums, sums.sum().reshape(1)])
 
 
-def _term(name: str, weight: float, value: float, task: bool,
-          grads_and_task: tuple[Sequence[Tensor | None], Sequence[Tensor | None]], task_sq: Tensor, part_of: Tensor,
-          parts: list[str]) -> TermDiagnostics:
-    grads, task_grads = grads_and_task
-    sq = _dots(grads, grads)
-    shared = torch.tensor([g is not None and t is not None for g, t in zip(grads, task_grads, strict=True)],
+def _term(name: str, weight: float, value: float, task: bool, grads: Sequence[Tensor | None],
+          reference: _TaskGradient) -> TermDiagnostics:
+    squares = _dots(grads, grads)
+    shared = torch.tensor([g is not None and t is not None for g, t in zip(grads, reference.grads, strict=True)],
                           dtype=torch.float64)
-    norm, task_norm = _per_part(sq, part_of, len(parts)).sqrt(), _per_part(task_sq, part_of, len(parts)).sqrt()
-    dot = _per_part(_dots(grads, task_grads), part_of, len(parts))
+    norm, task_norm = reference.per_part(squares).sqrt(), reference.per_part(reference.squares).sqrt()
+    dot = reference.per_part(_dots(grads, reference.grads))
     ratio = torch.where(task_norm > 0, norm / task_norm, math.nan)
     cosine = torch.where((norm > 0) & (task_norm > 0), dot / (norm * task_norm), math.nan)
-    keys = [*parts, ALL]
+    keys = [*reference.parts, ALL]
     return TermDiagnostics(
         name=name, weight=weight, value=value, task=task,
         grad_norm=dict(zip(keys, norm.tolist(), strict=True)), ratio=dict(zip(keys, ratio.tolist(), strict=True)),
-        cos_task=dict(zip(keys, cosine.tolist(), strict=True)),
-        shared_norm=math.sqrt(float((sq * shared).sum())), task_shared_norm=math.sqrt(float((task_sq * shared).sum())),
+        cos_task=dict(zip(keys, cosine.tolist(), strict=True)), shared_norm=math.sqrt(float((squares * shared).sum())),
+        task_shared_norm=math.sqrt(float((reference.squares * shared).sum())),
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 import soundfile
 import torch
 
+from xmodal.contracts import key_list
 from xmodal.data.cache import cache_teacher
 from xmodal.data.decoders import pad_stack
 from xmodal.data.shards import write_shards
@@ -115,8 +116,8 @@ def test_sequences_are_stored_trimmed_with_bool_masks(speech_cache: tuple[Path, 
         assert arrays["teacher.audio.char_token.npy"].tolist() == list(range(len(TEXTS[i])))
         assert arrays["teacher.audio.hypothesis_chars.npy"].dtype == np.int32
         assert arrays["teacher.audio.frames.npy"].dtype == np.float16
-    frames = [fields[f"utt{i:02d}"]["teacher.audio.frames.npy"].shape[0] for i in range(len(SECONDS))]
-    by_duration = [frames[i] for i in np.argsort(SECONDS)]
+    lengths = [fields[f"utt{i:02d}"]["teacher.audio.frames.npy"].shape[0] for i in range(len(SECONDS))]
+    by_duration = [lengths[i] for i in np.argsort(SECONDS)]
     assert by_duration == sorted(by_duration) and by_duration[0] < by_duration[-1]  # longer audio, more frames
 
 
@@ -166,9 +167,9 @@ def test_cached_batches_mix_lengths_and_match_the_live_teacher(speech_cache: tup
         char_mask = live["audio.char_token_mask"]
         chars = torch.randn(*char_mask.shape, 16)
         for loss, student in ((frame_loss, (video, video_mask)), (context_loss, (chars, char_mask))):
-            cached_value = loss(student, tuple(served[k] for k in loss.teacher_key), batch)
+            cached_value = loss(student, tuple(served[k] for k in key_list(loss.teacher_key)), batch)
             cached_kept = loss.last_metrics["kept_fraction"]
-            live_value = loss(student, tuple(live[k] for k in loss.teacher_key), batch)
+            live_value = loss(student, tuple(live[k] for k in key_list(loss.teacher_key)), batch)
             assert torch.allclose(cached_value, live_value, rtol=1e-3), loss.name
             assert torch.equal(cached_kept, loss.last_metrics["kept_fraction"])
         seen += len(batch["transcript"])

@@ -88,7 +88,7 @@ def test_running_stats_converge_to_the_data_and_skip_masked_positions() -> None:
         frames[~mask] = 1e4  # padding must not count
         norm.teacher(frames, mask)
     mean, std = norm.statistics()
-    assert torch.allclose(mean, shift, atol=0.05 * scale.max()) and torch.allclose(std, scale, rtol=0.05)
+    assert torch.allclose(mean, shift, atol=0.05 * float(scale.max())) and torch.allclose(std, scale, rtol=0.05)
     assert int(norm.running_count) > 0
 
 

@@ -22,6 +22,7 @@ from xmodal.tune import (
     load_space,
     overlay,
     parse_path,
+    redirect_outputs,
     write_overlay,
 )
 
@@ -104,6 +105,21 @@ def test_overlay_as_second_config_gives_the_tuned_config(tmp_path: Path) -> None
     assert resolve_config(["--config", str(LIPREADING), "--config", str(best)]) == apply_values(recipe, values)
 
 
+def test_a_trial_writes_logs_checkpoints_and_exports_in_its_folder(tmp_path: Path) -> None:
+    """The full recipe's CSV logger and student export move into the trial folder; the config still parses."""
+    recipe = resolve_config(["--config", str(ROOT / "configs" / "lipreading" / "libs_full.yaml"),
+                             "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=runs/ckpt"])
+    trial = redirect_outputs(recipe, tmp_path / "trial")
+    trainer = trial["trainer"]
+    assert trainer["default_root_dir"] == str(tmp_path / "trial")
+    assert trainer["logger"]["init_args"]["save_dir"] == str(tmp_path / "trial" / "lipreading")
+    export, checkpoint = trainer["callbacks"]
+    assert export["init_args"]["out_dir"] == str(tmp_path / "trial" / "student")
+    assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "trial" / "ckpt")
+    assert recipe["trainer"]["logger"]["init_args"]["save_dir"] == "runs/lipreading"  # the input is left alone
+    assert resolve_config(trial) == trial
+
+
 def tune_args(out: Path, space: Path, *extra: str) -> list[str]:
     return ["tune", "--config", str(LIPREADING), "--space", str(space), "--metric", "val/loss", "--direction",
             "minimize", "--out", str(out), *extra]
@@ -161,6 +177,8 @@ def test_three_trials_one_pruned_resumable(avsync_workspace: Path, monkeypatch: 
     assert (out / "history.png").stat().st_size > 0
     assert (out / "importance.png").exists() or "importance.png skipped" in printed
     assert {p.name for p in (out / "trials").iterdir()} == {"0", "1", "2"}
+    trial_config = yaml.safe_load((out / "trials" / "0" / "config.yaml").read_text())
+    assert trial_config["trainer"]["default_root_dir"] == str(out / "trials" / "0")
     main(args)  # the study is complete: rerunning runs no trial, only writes the outputs again
     assert "starts" not in capsys.readouterr().out
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3

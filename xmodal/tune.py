@@ -27,6 +27,7 @@ import yaml
 
 KINDS = ("float", "log_float", "int", "log_int", "categorical")
 PathKey = str | int
+OUTPUT_ARGS = ("save_dir", "dirpath", "out_dir")  # where Lightning loggers and xmodal/Lightning callbacks write
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -167,6 +168,22 @@ def apply_values(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[s
     for path, value in values.items():
         set_value(applied, path, value)
     return applied
+
+
+def redirect_outputs(config: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """A copy of ``config`` whose run writes under ``folder``: the trainer's ``default_root_dir``, and each folder a
+    logger or callback writes to (its ``save_dir``, ``dirpath`` or ``out_dir``) moved there, keeping its last name."""
+    redirected = copy.deepcopy(dict(config))
+    trainer = redirected.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(folder)
+    for key in ("logger", "callbacks"):
+        entries = trainer.get(key)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            init_args = entry.get("init_args") if isinstance(entry, dict) else None
+            for name in OUTPUT_ARGS:
+                if isinstance(init_args, dict) and init_args.get(name):
+                    init_args[name] = str(Path(folder) / Path(init_args[name]).name)
+    return redirected
 
 
 def overlay(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ a Lightning fit seeds and uses process-wide state). Outputs in ``--out``: ``best
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from xmodal.tune import Param, SearchSpaceError, apply_values, check_paths, load_space
+from xmodal.tune import Param, SearchSpaceError, apply_values, check_paths, load_space, redirect_outputs
 
 OPTIMIZED_STATES = ("COMPLETE", "PRUNED")  # the trials that count towards --n-trials
 
@@ -95,7 +96,10 @@ def config_errors(files: Sequence[str]) -> Iterator[None]:
 
 
 def lightning_cli(args: list[str] | dict[str, Any], instantiate: bool) -> Any:
-    """``xmodal fit``'s CLI without running it (``run=False``); with ``instantiate=False`` it only parses."""
+    """``xmodal fit``'s CLI without running it (``run=False``); with ``instantiate=False`` it only parses.
+
+    ``args`` is copied, because jsonargparse edits a dict it parses.
+    """
     from xmodal.commands.lightning import XmodalCLI
     from xmodal.data.wds import WdsDataModule
     from xmodal.distiller import Distiller
@@ -110,7 +114,7 @@ def lightning_cli(args: list[str] | dict[str, Any], instantiate: bool) -> Any:
 
     load_plugins()
     return (XmodalCLI if instantiate else ParseOnly)(
-        Distiller, WdsDataModule, args=args, run=False, seed_everything_default=0,
+        Distiller, WdsDataModule, args=copy.deepcopy(args), run=False, seed_everything_default=0,
         parser_kwargs={"exit_on_error": False}, save_config_callback=None, auto_configure_optimizers=False)
 
 
@@ -133,9 +137,10 @@ def base_config(options: argparse.Namespace, params: Sequence[Param]) -> dict[st
 
 
 def run_trial(config: dict[str, Any], trial_dir: Path, callbacks: Sequence[Any]) -> dict[str, float]:
-    """Fit ``config`` as ``xmodal fit`` would, logs and checkpoints under ``trial_dir``; the metrics it logged."""
+    """Fit ``config`` as ``xmodal fit`` would, its logs, checkpoints and exports under ``trial_dir`` (see
+    :func:`~xmodal.tune.redirect_outputs`); the metrics it logged."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    config = apply_values(config, {"trainer.default_root_dir": str(trial_dir)})
+    config = redirect_outputs(config, trial_dir)
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli = lightning_cli(config, instantiate=True)
     cli.trainer.callbacks.extend(callbacks)
@@ -254,6 +259,8 @@ def optimize(options: argparse.Namespace, worker: int = 0) -> None:
     """Run trials until the study has ``--n-trials`` finished ones or ``--timeout`` passes (one worker)."""
     import optuna
 
+    from xmodal.distiller import NonFiniteLossError
+
     params = load_space(options.space)
     config = base_config(options, params)
     study = load_study(options, params, worker)
@@ -263,7 +270,8 @@ def optimize(options: argparse.Namespace, worker: int = 0) -> None:
     stop = optuna.study.MaxTrialsCallback(options.n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                     optuna.trial.TrialState.PRUNED))
     study.optimize(make_objective(options, params, config), n_trials=remaining, timeout=options.timeout,
-                   callbacks=[stop, progress(options)], gc_after_trial=True)
+                   callbacks=[stop, progress(options)], gc_after_trial=True,
+                   catch=(NonFiniteLossError,))  # a diverging trial fails alone; any other error stops the study
 
 
 def optimize_in_processes(options: argparse.Namespace) -> None:
@@ -290,6 +298,7 @@ def write_outputs(options: argparse.Namespace, params: Sequence[Param], config: 
     extras = sorted({name for trial in trials for name in trial.user_attrs})
     write_csv(options.out / "trials.csv", [{**row, **{n: t.user_attrs.get(n) for n in extras}}
                                            for row, t in zip(rows, trials, strict=True)])
+    print(f"[tune] study {options.study_name} in {options.storage}: value = {options.metric} ({options.direction})")
     print(format_table(rows))
     if any(trial.state.name == "COMPLETE" for trial in trials):
         best = study.best_trial

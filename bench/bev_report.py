@@ -1,5 +1,5 @@
-"""The BEV UniDistill benchmark's report: mean ± std over seeds, paired gains over each row's baseline, model costs,
-and the comparison with UniDistill's reported gains (``bench/results/bev.md``).
+"""The BEV UniDistill benchmark's report: mean ± std over seeds and paired gains over each row's baseline
+(:mod:`bench.stats`), model costs, and the comparison with UniDistill's reported gains (``bench/results/bev.md``).
 
 mAP and NDS are stored as fractions (0.253) and shown in points (25.3), as the papers do.
 """

@@ -1,5 +1,6 @@
-"""Pure helpers of the lip-reading benchmark: mean +- std over seeds, the comparison with LIBS's reported gains,
-the cost estimate from smoke timings, and the Markdown report (``bench/results/lipreading.md``).
+"""Pure helpers of the lip-reading benchmark: its tables of mean ± std over seeds (:mod:`bench.stats`), the
+comparison with LIBS's reported gains, the cost estimate from smoke timings, and the Markdown report
+(``bench/results/lipreading.md``).
 
 Error rates are stored as fractions (0.25) and shown in points (25.0), as the papers do.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,19 @@ def test_three_trials_one_pruned_resumable(avsync_workspace: Path, monkeypatch: 
     main(args)  # the study is complete: rerunning runs no trial, only writes the outputs again
     assert "starts" not in capsys.readouterr().out
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3
+    other_metric = [*args[:6], "val/nowhere", *args[7:]]
+    with pytest.raises(SystemExit, match="tunes val/loss \\(minimize\\), not val/nowhere"):
+        main(other_metric)
+    other_metric[other_metric.index(str(out))] = str(avsync_workspace / "out_nowhere")
+    with pytest.raises(SystemExit, match="val/nowhere was not logged in validation; validation logged: .*val/cer"):
+        main(other_metric)
+
+
+def test_workers_see_one_gpu_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xmodal.commands.tune import gpu_environment, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    with gpu_environment("5"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,5"

@@ -10,7 +10,8 @@ The search space is described in :mod:`xmodal.tune`. The objective is a metric t
 validation. The study lives in ``<out>/study.db`` (SQLite) unless ``--storage`` names another database: rerunning
 the command continues it until ``--n-trials`` trials have finished (complete or pruned), and processes on several
 machines given one database URL share one study. ``--n-jobs`` runs that many worker processes here (not threads:
-a Lightning fit seeds and uses process-wide state). Outputs in ``--out``: ``best.yaml`` (the tuned values, a second
+a Lightning fit seeds and uses process-wide state); with several GPUs, worker k sees GPU k. Each trial runs on one
+device (``trainer.devices: auto`` becomes 1) unless the recipe or an override names the devices. Outputs in ``--out``: ``best.yaml`` (the tuned values, a second
 ``--config`` for ``xmodal fit``), ``trials.csv``, ``history.png``, ``importance.png`` and ``trials/<n>/config.yaml``
 (each trial's full config; its logs and checkpoints go there too).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
+import os
 import sys
 import time
 import warnings
@@ -133,6 +135,8 @@ def base_config(options: argparse.Namespace, params: Sequence[Param]) -> dict[st
         config = resolve_config(args)
         check_paths(config, params)
         resolve_config(apply_values(config, {p.path: p.example() for p in params}))
+    if config["trainer"].get("devices") in ("auto", None):
+        config["trainer"]["devices"] = 1  # "auto" on several GPUs would launch DDP processes that rerun `xmodal tune`
     return config
 
 
@@ -274,12 +278,40 @@ def optimize(options: argparse.Namespace, worker: int = 0) -> None:
                    catch=(NonFiniteLossError,))  # a diverging trial fails alone; any other error stops the study
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+@contextmanager
+def gpu_environment(gpu: str | None) -> Iterator[None]:
+    """``CUDA_VISIBLE_DEVICES=gpu`` meanwhile (a spawned worker inherits it), unless ``gpu`` is None."""
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
 def optimize_in_processes(options: argparse.Namespace) -> None:
-    """``--n-jobs`` worker processes (spawned: a fork would copy Lightning's and CUDA's state) on one study."""
+    """``--n-jobs`` worker processes (spawned: a fork would copy Lightning's and CUDA's state) on one study; with
+    several GPUs, worker k sees GPU k (round robin)."""
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=optimize, args=(options, worker)) for worker in range(options.n_jobs)]
-    for worker in workers:
-        worker.start()
+    gpus = visible_gpus()
+    for number, worker in enumerate(workers):
+        with gpu_environment(gpus[number % len(gpus)] if gpus else None):
+            worker.start()
     for worker in workers:
         worker.join()
     failed = [str(n) for n, worker in enumerate(workers) if worker.exitcode != 0]

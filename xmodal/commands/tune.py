@@ -11,9 +11,11 @@ validation. The study lives in ``<out>/study.db`` (SQLite) unless ``--storage`` 
 the command continues it until ``--n-trials`` trials have finished (complete or pruned), and processes on several
 machines given one database URL share one study. ``--n-jobs`` runs that many worker processes here (not threads:
 a Lightning fit seeds and uses process-wide state); with several GPUs, worker k sees GPU k. Each trial runs on one
-device (``trainer.devices: auto`` becomes 1) unless the recipe or an override names the devices. Outputs in ``--out``: ``best.yaml`` (the tuned values, a second
-``--config`` for ``xmodal fit``), ``trials.csv``, ``history.png``, ``importance.png`` and ``trials/<n>/config.yaml``
-(each trial's full config; its logs and checkpoints go there too).
+device (``trainer.devices: auto`` becomes 1) unless the recipe or an override names the devices.
+
+Outputs in ``--out``: ``best.yaml`` (the tuned values, a second ``--config`` for ``xmodal fit``), ``trials.csv``,
+``history.png``, ``importance.png`` and ``trials/<n>/`` (each trial's full ``config.yaml``, its logs, checkpoints
+and exports).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class MetricError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xmodal tune", description=__doc__.split("\n\n")[0],
+        prog="xmodal tune", description="Search a recipe's hyperparameters with Optuna; each trial is an `xmodal fit`.",
         epilog="Arguments after `--` are Lightning overrides for every trial, e.g. -- --trainer.max_steps=2000")
     parser.add_argument("--config", "-c", action="append", required=True, help="recipe YAML (repeatable)")
     parser.add_argument("--space", required=True, help="search space YAML: config path -> {kind: [...]}")
@@ -56,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study-name", default=None, help="default: the first config file's name")
     parser.add_argument("--out", default="runs/tune", help="output folder (runs/tune)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (0)")
-    parser.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
-    parser.add_argument("--pruner", choices=["median", "hyperband", "threshold", "none"], default="median")
+    parser.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe",
+                        help="tpe (default); grid takes categorical and int parameters only")
+    parser.add_argument("--pruner", choices=["median", "hyperband", "threshold", "none"], default="median",
+                        help="stops unpromising trials at a validation (default median, after 5 trials)")
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="with --pruner threshold: prune a trial once its metric is worse than this")
     return parser

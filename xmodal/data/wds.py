@@ -276,6 +276,7 @@ class WdsDataModule(L.LightningDataModule):
             pipeline, batch_size=None, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and train,
+            generator=None if train else self.evaluation_generator(),
         )
         if isinstance(loader, ResumableLoader):
             self.train_loader = loader
@@ -320,6 +321,13 @@ class WdsDataModule(L.LightningDataModule):
                         "restarts from its beginning", position.get("workers"), self.num_workers)
             position = {"epoch": position["epoch"], "consumed": {}}
         loader.resume_from(position)
+
+    def evaluation_generator(self) -> torch.Generator:
+        """The RNG of an evaluation loader: every new iterator of a ``DataLoader`` draws its workers' base seed from
+        its generator, by default torch's global RNG. Validation passes between training steps would then shift
+        everything training draws later (dropout, augmentation, the next epoch's worker seeds); with a generator
+        of their own, a run with validation trains exactly as one without."""
+        return torch.Generator().manual_seed(self.data_seed())
 
     def data_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))

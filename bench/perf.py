@@ -116,7 +116,9 @@ class Context:
         key = f"{recipe}+{overlay}"
         if key not in self.models or fresh:
             from xmodal.commands.lightning import Distiller, WdsDataModule, XmodalCLI
+            from xmodal.plugins import load_plugins
 
+            load_plugins()  # the recipes name plug-ins by their short class names
             config = self.config(recipe, overlay)
             path = self.write(config, key.replace("/", "_"))
             argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds other arguments
@@ -139,7 +141,7 @@ def ensure_assets(ctx: Context) -> None:
         counts = {"train": 20000, "val": 1000, "test": 2000}
         harness.ensure_corpus("shapes", ctx.data, accept=lambda meta: meta.get("counts") == counts, seed=0,
                               image_size=32, n_train=20000, n_val=1000, n_test=2000)
-    if not (ctx.work / "promptkd" / "class_vectors.safetensors").is_file():
+    if not (ctx.work / "promptkd" / "split.json").is_file():  # written last
         build_models(ctx)
     if not ctx.whisper.is_dir():
         ctx.skipped["lipreading"] = f"no Whisper tiny.en at {ctx.whisper} (xmodal convert whisper-ct2 ...)"
@@ -148,6 +150,7 @@ def ensure_assets(ctx: Context) -> None:
 
 
 def build_models(ctx: Context) -> None:
+    from xmodal.eval.base2novel import make_split, write_split
     from xmodal.modalities.prompts import PromptedCLIP
     from xmodal.students.clip import CLIPStudent, save_open_clip_dir
     from xmodal.teachers.prompted import store_class_vectors
@@ -167,6 +170,8 @@ def build_models(ctx: Context) -> None:
     prompted = PromptedCLIP(**init)
     save_pretrained(prompted, prompted.init_args, ctx.work / "promptkd" / "teacher_prompted")
     store_class_vectors(prompted, ctx.work / "promptkd" / "class_vectors.safetensors")
+    classes = json.loads((ctx.data / "classes.json").read_text())["classes"]
+    write_split(make_split(classes), ctx.work / "promptkd" / "split.json")  # the stage-2 recipe's val metric reads it
 
 
 def ready_batches(dm: Any, n: int, batch_size: int | None = None) -> list[dict[str, Any]]:

@@ -125,7 +125,7 @@ class Bench:
 
     def loader(self, config: Path, batch_size: int) -> tuple[Any, Any]:
         """The BEVModality of a written recipe and an in-order loader over the test split."""
-        from xmodal.eval.bev import bev_loader, recipe_bev_args
+        from xmodal.data.eval_sets import bev_loader, recipe_bev_args
         from xmodal.modalities.bev import BEVModality
 
         modality = BEVModality(**recipe_bev_args(config))
@@ -133,7 +133,7 @@ class Bench:
 
     def evaluate(self, row: str, seed: int, config: Path) -> dict[str, Any]:
         """mAP, NDS, mATE/mASE/mAOE, AP per threshold and per-class AP of an exported model on the test split."""
-        from xmodal.eval.bev import evaluate_bev
+        from xmodal.eval.loops import evaluate_bev
         from xmodal.zoo.loading import load_detector
 
         model = load_detector(str(self.export(row, seed)))

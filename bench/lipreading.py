@@ -204,8 +204,9 @@ def split_test(data: Path, out: Path) -> dict[str, str]:
 
 def eval_teacher(teacher: torch.nn.Module, subsets: dict[str, str], device: str, batch_size: int) -> dict[str, Any]:
     """Greedy audio CER/WER of a frozen teacher (``transcribe(batch)``) on each subset, with seconds per utterance."""
+    from xmodal.data.eval_sets import to_device
     from xmodal.data.wds import make_pipeline
-    from xmodal.eval.asr import error_rates, to_device
+    from xmodal.eval.metrics import error_rates
     from xmodal.modalities.audio import AudioModality
     from xmodal.modalities.transcript import TranscriptModality, normalize_transcript
 

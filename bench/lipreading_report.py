@@ -127,7 +127,7 @@ def utterance_stats(references: Sequence[str], hypotheses: Sequence[str]) -> dic
     Corpus CER sums edits over all utterances, so a few decoding loops (Whisper repeating a phrase until its token
     limit) can outweigh many good transcripts; these two numbers tell that apart from uniformly poor recognition.
     """
-    from xmodal.eval.asr import error_rates
+    from xmodal.eval.metrics import error_rates
 
     if not references:
         raise ValueError("utterance_stats of no utterances")

@@ -123,8 +123,8 @@ def export_dir(config_path: Path) -> Path:
 def evaluate(model: Any, data: Path, split: Any, templates: list[str], image_size: int,
              classifier: torch.Tensor | None = None) -> dict[str, float]:
     """Base / novel / HM on the corpus' test split (``classifier``: stored class vectors, else the model's own)."""
-    from xmodal.eval.base2novel import evaluate_base2novel
-    from xmodal.eval.folders import shard_loader
+    from xmodal.data.eval_sets import shard_loader
+    from xmodal.eval.loops import evaluate_base2novel
 
     loader = shard_loader(str(data / "test-*.tar"), image_size, 256, 0)
     return evaluate_base2novel(model, loader, split, classifier, templates=templates, device="cpu")
@@ -140,7 +140,8 @@ def run_corpus(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every method on one corpus; returns ``{"rows": [...], "cost": {...}, ...}``."""
     from xmodal.classvectors import load_class_vectors
     from xmodal.contracts import count_params
-    from xmodal.eval.base2novel import make_split, write_fewshot_shards, write_split
+    from xmodal.data.eval_sets import write_fewshot_shards
+    from xmodal.eval.base2novel import make_split, write_split
     from xmodal.students.prompted import PromptedImageStudent
     from xmodal.teachers.prompted import store_class_vectors
     from xmodal.zoo import create_model

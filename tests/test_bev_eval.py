@@ -17,18 +17,8 @@ from xmodal.commands import eval_bev
 from xmodal.commands.eval import eval_main
 from xmodal.data.shards import write_shards
 from xmodal.eval import bev
-from xmodal.eval.bev import (
-    BACKGROUND,
-    GT_COLOUR,
-    PRED_COLOUR,
-    accumulate,
-    detection_metrics,
-    read_results,
-    render_bev,
-    size_iou,
-    write_results,
-    yaw_difference,
-)
+from xmodal.eval.bev import accumulate, detection_metrics, read_results, size_iou, write_results, yaw_difference
+from xmodal.render import BACKGROUND, GT_COLOUR, PRED_COLOUR, render_bev
 
 CLASSES = ["car", "pedestrian"]
 

@@ -13,7 +13,8 @@ from tests.conftest import tiny_clip_args
 from xmodal.callbacks import ZeroShotProbe
 from xmodal.data.wds import WdsDataModule, make_pipeline
 from xmodal.distiller import Distiller
-from xmodal.eval.zeroshot import DualEncoder, evaluate_zeroshot
+from xmodal.eval.loops import evaluate_zeroshot
+from xmodal.eval.zeroshot import DualEncoder
 from xmodal.losses import CLIPContrastiveLoss
 from xmodal.modalities.image import ImageModality
 from xmodal.modalities.text import TextModality

@@ -12,15 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from xmodal.eval.folders import evaluate_zeroshot_folder, scan_image_folder
-from xmodal.eval.retrieval import (
-    evaluate_retrieval,
-    evaluate_retrieval_json,
-    load_captions,
-    recall_at_k,
-    retrieval_metrics,
-)
-from xmodal.eval.zeroshot import class_embeddings, evaluate_zeroshot, topk_accuracy
+from xmodal.data.eval_sets import load_captions, scan_image_folder
+from xmodal.eval.loops import evaluate_retrieval, evaluate_retrieval_json, evaluate_zeroshot, evaluate_zeroshot_folder
+from xmodal.eval.metrics import RetrievalRecall, TopKAccuracy
+from xmodal.eval.retrieval import recall_at_k, retrieval_metrics
+from xmodal.eval.zeroshot import class_embeddings
 from xmodal.modalities.text import build_word_tokenizer
 from xmodal.students.clip import CLIPStudent
 
@@ -73,6 +69,12 @@ def solid_batch(names: list[str], size: int = 8) -> Tensor:
 
 
 # --- pure metrics ------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    metric = TopKAccuracy(ks)
+    metric.update(logits, labels)
+    return {key: value.item() for key, value in metric.compute().items()}
 
 
 def test_topk_accuracy_hand_computed() -> None:
@@ -268,13 +270,13 @@ def test_caption_json_tiny_student(tmp_path: Path) -> None:
 
 
 def test_same_text_retrieval_counts_identical_captions() -> None:
-    from xmodal.eval.retrieval import same_text_retrieval
-
     # images 0 and 1 share the caption "a"; image 2 has "b". Text embeddings equal for equal strings.
     image = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     strict = retrieval_metrics(image, text, torch.arange(3), ks=(1,))
-    loose = same_text_retrieval(image, text, ["a", "a", "b"], ks=(1,))
+    metric = RetrievalRecall(ks=(1,))
+    metric.update(image, text, captions=["a", "a", "b"])
+    loose = metric.compute()
     # strict: caption 1 ("a") ranks image 0 first, which is not its own image -> t2i R@1 = 2/3
     assert strict["t2i_R@1"] == pytest.approx(2 / 3)
     assert loose["t2i_R@1"] == pytest.approx(1.0) and loose["i2t_R@1"] == pytest.approx(1.0)

@@ -14,9 +14,8 @@ from PIL import Image
 from tests.conftest import tiny_clip_args
 from xmodal.commands.main import main
 from xmodal.data.wds import make_pipeline
-from xmodal.eval.folders import evaluate_zeroshot_folder
-from xmodal.eval.retrieval import evaluate_retrieval, evaluate_retrieval_json
-from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, evaluate_zeroshot
+from xmodal.eval.loops import evaluate_retrieval, evaluate_retrieval_json, evaluate_zeroshot, evaluate_zeroshot_folder
+from xmodal.eval.zeroshot import SIMPLE_TEMPLATES
 from xmodal.modalities.image import ImageModality
 from xmodal.modalities.text import TextModality
 from xmodal.students.clip import CLIPStudent

@@ -1,4 +1,5 @@
-"""Each torchmetrics Metric in xmodal.eval.metrics gives the hand-written function's numbers, over several updates."""
+"""Each torchmetrics Metric in xmodal.eval.metrics gives, over several updates, the numbers of its protocol's rules
+applied to all the data at once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jiwer
 import pytest
 import torch
 
-from xmodal.eval.base2novel import base2novel_metrics, make_split
+from xmodal.eval.base2novel import harmonic_mean, make_split, subset_hits
 from xmodal.eval.bev import detection_metrics
 from xmodal.eval.metrics import (
     Base2NovelAccuracy,
@@ -20,8 +21,8 @@ from xmodal.eval.metrics import (
     TranscriptCER,
     TranscriptWER,
 )
-from xmodal.eval.retrieval import retrieval_metrics, same_text_retrieval
-from xmodal.eval.zeroshot import topk_accuracy
+from xmodal.eval.retrieval import retrieval_by_mask, retrieval_metrics
+from xmodal.eval.zeroshot import topk_hits
 from xmodal.modalities.transcript import cer, normalize_transcript, wer
 
 REL = 1e-6
@@ -29,6 +30,22 @@ REL = 1e-6
 
 def close(a: Any, b: Any) -> bool:
     return math.isclose(float(a), float(b), rel_tol=REL, abs_tol=1e-12)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    return {f"top{k}": hits / len(labels) for k, hits in topk_hits(logits, labels, ks).items()}
+
+
+def same_text_retrieval(images: torch.Tensor, texts: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    ids = torch.tensor([sorted(set(captions)).index(c) for c in captions])
+    return retrieval_by_mask(images, texts, ids[:, None] == ids[None, :])
+
+
+def base2novel_metrics(logits: torch.Tensor, labels: torch.Tensor, split: Any) -> dict[str, float]:
+    (base_hits, n_base), (novel_hits, n_novel) = (subset_hits(logits, labels, split.base),
+                                                  subset_hits(logits, labels, split.novel))
+    base, novel = base_hits / n_base, novel_hits / n_novel
+    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel), "n_base": n_base, "n_novel": n_novel}
 
 
 def chunks(n: int, parts: int) -> list[slice]:

@@ -345,7 +345,7 @@ def test_cer_and_wer_match_jiwer() -> None:
     hyps = ["bin blue at f too now", "place red a nine again soon", "sat white with four please"]
     assert cer(refs, hyps) == pytest.approx(jiwer.cer(refs, hyps))
     assert wer(refs, hyps) == pytest.approx(jiwer.wer(refs, hyps))
-    from xmodal.eval.asr import error_rates
+    from xmodal.eval.metrics import error_rates
 
     assert error_rates(refs, hyps) == pytest.approx({"cer": jiwer.cer(refs, hyps), "wer": jiwer.wer(refs, hyps)})
 
@@ -369,7 +369,7 @@ def file_list(tmp_path: Path) -> Path:
 
 
 def test_read_file_list(file_list: Path) -> None:
-    from xmodal.eval.asr import read_file_list
+    from xmodal.data.eval_sets import read_file_list
 
     items = read_file_list(file_list)
     assert [(p.name, text) for p, text in items] == [("bbaf2n.mp4", "bin blue at f two now"),
@@ -409,7 +409,8 @@ def test_eval_asr_rejects_plot_without_a_recipe(file_list: Path) -> None:
 
 def test_alignment_plot_from_a_recipe(file_list: Path, tmp_path: Path) -> None:
     from xmodal.commands.eval_asr import asr_modalities
-    from xmodal.eval.asr import alignment_maps, list_batches, plot_alignments, read_file_list, to_device
+    from xmodal.data.eval_sets import list_batches, read_file_list, to_device
+    from xmodal.render import alignment_maps, plot_alignments
     from xmodal.zoo.loading import load_distiller
 
     distiller = load_distiller(ROOT / "configs/tiny/lipreading.yaml").eval()

@@ -11,15 +11,10 @@ import torch
 
 from tests.conftest import TINY_TEXT, TINY_VISION
 from xmodal.classvectors import ClassVectorsMismatchError, load_class_vectors, read_manifest
-from xmodal.eval.base2novel import (
-    ClassSplit,
-    base2novel_metrics,
-    evaluate_base2novel,
-    harmonic_mean,
-    make_split,
-    write_fewshot_shards,
-    write_split,
-)
+from xmodal.data.eval_sets import iter_tar_samples, shard_loader, write_fewshot_shards
+from xmodal.eval.base2novel import ClassSplit, harmonic_mean, make_split, write_split
+from xmodal.eval.loops import evaluate_base2novel
+from xmodal.eval.metrics import Base2NovelAccuracy
 from xmodal.modalities.prompts import PromptedCLIP
 from xmodal.students.prompted import DropLabels, LabelGuard, LabelReadError, PromptedImageStudent
 from xmodal.teachers.prompted import PromptedCLIPTeacher, store_class_vectors
@@ -196,8 +191,6 @@ def test_stage1_changes_only_prompts(ws: Workspace, tmp_path: Path) -> None:
 
 
 def test_fewshot_shards_keep_only_base_labels(ws: Workspace, tmp_path: Path) -> None:
-    from xmodal.eval.base2novel import iter_tar_samples
-
     split = ClassSplit(**json.loads(ws.split.read_text()))
     pattern = write_fewshot_shards(str(ws.data / "train-*.tar"), tmp_path, split, shots=1)
     metas = [json.loads(s["json"]) for s in iter_tar_samples(pattern)]
@@ -208,6 +201,12 @@ def test_fewshot_shards_keep_only_base_labels(ws: Workspace, tmp_path: Path) -> 
     labels = [json.loads(s["json"])["global_label"] for s in iter_tar_samples(drawn)]
     train = [json.loads(s["json"])["label"] for s in iter_tar_samples(str(ws.data / "train-*.tar"))]
     assert sorted(labels) == sorted(c for c in split.base for _ in range(min(2, train.count(c))))
+
+
+def base2novel_metrics(logits: torch.Tensor, labels: torch.Tensor, split: ClassSplit) -> dict[str, float | int]:
+    metric = Base2NovelAccuracy(split)
+    metric.update(logits, labels)
+    return {key: value.item() for key, value in metric.compute().items()}
 
 
 def test_base2novel_metrics_and_hm() -> None:
@@ -243,8 +242,6 @@ def test_inference_needs_only_the_student_and_its_class_vectors(ws: Workspace, t
     assert not any("prompted" in k or "text" in k for k in reloaded.state_dict())  # no teacher, no text tower
     images = labelled_batch(ws, 4)["image"]
     torch.testing.assert_close(reloaded.eval().classify(images), student.eval().classify(images))
-
-    from xmodal.eval.folders import shard_loader
 
     split = ClassSplit(**json.loads(ws.split.read_text()))
     metrics = evaluate_base2novel(reloaded, shard_loader(str(ws.data / "test-*.tar"), 16, 16, 0), split)

@@ -16,7 +16,8 @@ from tests.test_bev_models import SCENES, synthetic_batch
 from tests.test_lipreading import TINY, make_batch
 from xmodal.contracts import Batch, TaskMetric
 from xmodal.distiller import Distiller
-from xmodal.eval.base2novel import base2novel_metrics, make_split, write_split
+from xmodal.eval.base2novel import make_split, write_split
+from xmodal.eval.loops import evaluate_base2novel, evaluate_zeroshot
 from xmodal.eval.tasks import (
     Base2NovelTask,
     DetectionTask,
@@ -25,7 +26,6 @@ from xmodal.eval.tasks import (
     TranscriptTask,
     ZeroShotTask,
 )
-from xmodal.eval.zeroshot import class_embeddings, topk_accuracy
 from xmodal.losses import BEVDetectionLoss, CharCELoss, CLIPContrastiveLoss
 from xmodal.modalities.bev_detector import BEVDetector
 from xmodal.modalities.transcript import cer, wer
@@ -73,11 +73,8 @@ def test_zeroshot_and_retrieval_in_validation(shapes_dir: Path, shapes_batches: 
     distiller = clip_distiller(shapes_dir, zeroshot, RetrievalTask(identical_captions_match=True))
     batch = shapes_batches[0]
     logged = fit_one_step(distiller, [batch], [batch])
-    student: Any = distiller.student.eval()
-    with torch.no_grad():
-        classifier = class_embeddings(student, zeroshot.classnames, zeroshot.templates)
-        image_emb = torch.nn.functional.normalize(student.encode_image(batch["image"]).float(), dim=-1)
-    want = topk_accuracy(image_emb @ classifier.T, batch["label"])
+    student: Any = distiller.student
+    want = evaluate_zeroshot(student, [batch], zeroshot.classnames, zeroshot.templates)
     assert logged["val/zeroshot_top1"] == pytest.approx(want["top1"], rel=1e-6)
     assert logged["val/zeroshot_top5"] == pytest.approx(want["top5"], rel=1e-6)
     assert {"val/i2t_R@1", "val/t2i_R@10", "val/loss"} <= set(logged)
@@ -90,11 +87,7 @@ def test_base2novel_in_validation(shapes_dir: Path, shapes_batches: list[Batch],
     distiller = clip_distiller(shapes_dir, task)
     batch = shapes_batches[0]
     logged = fit_one_step(distiller, [batch], [batch])
-    student: Any = distiller.student.eval()
-    with torch.no_grad():
-        classifier = class_embeddings(student, split.classes, ["a photo of a {}."])
-        image_emb = torch.nn.functional.normalize(student.encode_image(batch["image"]).float(), dim=-1)
-    want = base2novel_metrics(image_emb @ classifier.T, batch["label"], split)
+    want = evaluate_base2novel(distiller.student, [batch], split, templates=["a photo of a {}."])
     assert {k: logged[f"val/{k}"] for k in ("base", "novel", "hm")} == pytest.approx(
         {k: want[k] for k in ("base", "novel", "hm")}, rel=1e-6)
 

@@ -102,7 +102,8 @@ class ZeroShotProbe(L.Callback):
         import json
 
         from xmodal.data.wds import make_pipeline
-        from xmodal.eval.zeroshot import DualEncoder, evaluate_zeroshot
+        from xmodal.eval.loops import evaluate_zeroshot
+        from xmodal.eval.zeroshot import DualEncoder
         from xmodal.modalities.image import ImageModality
 
         step = trainer.global_step

@@ -88,8 +88,7 @@ def ms_per_image(model: CLIPStudent, image_size: int, batch: int = 64, repeats: 
 
 def evaluate(model: CLIPStudent, data: Path, image_size: int) -> dict[str, float]:
     from xmodal.data.wds import make_pipeline
-    from xmodal.eval.retrieval import evaluate_retrieval
-    from xmodal.eval.zeroshot import evaluate_zeroshot
+    from xmodal.eval.loops import evaluate_retrieval, evaluate_zeroshot
     from xmodal.modalities.image import ImageModality
     from xmodal.modalities.text import TextModality
 

@@ -125,8 +125,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
-    from xmodal.eval.folders import evaluate_zeroshot_folder, shard_loader
-    from xmodal.eval.zeroshot import evaluate_zeroshot
+    from xmodal.data.eval_sets import shard_loader
+    from xmodal.eval.loops import evaluate_zeroshot, evaluate_zeroshot_folder
 
     classnames, json_templates = read_classes(args.classes) if args.classes else (None, None)
     templates = args.templates or json_templates or list(SIMPLE_TEMPLATES)
@@ -141,8 +141,8 @@ def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, 
 
 
 def run_retrieval(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
-    from xmodal.eval.folders import shard_loader
-    from xmodal.eval.retrieval import evaluate_retrieval, evaluate_retrieval_json
+    from xmodal.data.eval_sets import shard_loader
+    from xmodal.eval.loops import evaluate_retrieval, evaluate_retrieval_json
 
     if args.shards:
         loader = shard_loader(args.shards, image_size, args.batch_size, args.num_workers)

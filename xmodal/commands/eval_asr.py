@@ -11,7 +11,7 @@ Model: ``--model`` is a zoo name or folder holding a :class:`~xmodal.students.li
 recipe) rebuilds the whole :class:`~xmodal.distiller.Distiller`, teacher and losses included, which ``--plot`` needs.
 
 Data: ``--shards`` (WebDataset shards with ``mp4`` + ``txt``, and ``flac``/``wav`` for plots), or ``--list``, a
-GRID/LRS2-style file list (format in :mod:`xmodal.eval.asr`). ``--plot DIR`` writes ``DIR/alignment.png``: for the
+GRID/LRS2-style file list (format in :mod:`xmodal.data.eval_sets`). ``--plot DIR`` writes ``DIR/alignment.png``: for the
 first ``--plot-count`` utterances, the learned video-frame -> audio-frame attention of the recipe's
 :class:`~xmodal.losses.libs.LIBSFrameLoss` as a heat map, with the linear-time diagonal overlaid.
 """
@@ -28,7 +28,9 @@ from torch import nn
 
 from xmodal.commands.eval_common import emit_results
 from xmodal.contracts import Batch
-from xmodal.eval.asr import alignment_maps, evaluate_asr, list_batches, plot_alignments, read_file_list, to_device
+from xmodal.data.eval_sets import list_batches, read_file_list, to_device
+from xmodal.eval.loops import evaluate_asr
+from xmodal.render import alignment_maps, plot_alignments
 from xmodal.zoo.loading import load_distiller
 
 

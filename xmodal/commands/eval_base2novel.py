@@ -9,9 +9,10 @@ import torch
 
 from xmodal.classvectors import load_class_vectors
 from xmodal.commands.eval_common import PROG, add_common, add_model, emit_results, format_table, model_image_size
+from xmodal.data.eval_sets import folder_loader, shard_loader
 from xmodal.data.wds import CountedBatches, LossTally
-from xmodal.eval.base2novel import evaluate_base2novel, folder_loader, read_split
-from xmodal.eval.folders import shard_loader
+from xmodal.eval.base2novel import read_split
+from xmodal.eval.loops import evaluate_base2novel
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES
 
 

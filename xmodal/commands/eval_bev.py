@@ -1,4 +1,4 @@
-"""``xmodal eval bev``: nuScenes-style 3D detection mAP/NDS and BEV renders (protocol in :mod:`xmodal.eval.bev`).
+"""``xmodal eval bev``: nuScenes-style 3D detection mAP/NDS (protocol in :mod:`xmodal.eval.bev`) and BEV renders.
 
 Usage::
 
@@ -15,24 +15,18 @@ recipe's BEVModality settings (classes, image size, points) and, without ``--mod
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from xmodal.commands.eval_common import emit_results
-from xmodal.eval.bev import (
-    DEFAULT_CLASSES,
-    DEFAULT_GRID_RANGE,
-    Detector,
-    bev_loader,
-    detector_traits,
-    evaluate_bev,
-    evaluate_results,
-    format_bev_table,
-    read_results,
-    recipe_bev_args,
-)
+from xmodal.data.eval_sets import bev_loader, recipe_bev_args
+from xmodal.eval.bev import TP_ERRORS, Detector, read_results
+from xmodal.eval.loops import evaluate_bev, evaluate_results
 from xmodal.modalities.bev import BEVModality
+from xmodal.modalities.bev_nets import DEFAULT_CLASSES
+from xmodal.render import DEFAULT_GRID_RANGE, BEVRenders
 from xmodal.zoo.loading import load_detector
 
 
@@ -116,23 +110,53 @@ def run_bev(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
         settings["max_points"] = args.max_points
     modality = BEVModality(**settings)
     options: dict[str, Any] = {"max_range": args.max_range, "min_gt_points": args.min_gt_points,
-                               "ignore_empty_classes": not args.keep_empty_classes, "render": args.render,
-                               "render_dir": args.render_dir, "score_threshold": args.score_threshold,
-                               "grid_range": args.grid_range or extent or DEFAULT_GRID_RANGE}
+                               "ignore_empty_classes": not args.keep_empty_classes}
+    renders = BEVRenders(args.render, args.render_dir, args.grid_range or extent or DEFAULT_GRID_RANGE,
+                         args.score_threshold) if args.render > 0 else None
     try:
         loader = bev_loader(args.shards, modality, args.batch_size, args.num_workers)
         if model is None:
-            metrics = evaluate_results(read_results(args.results, classes), loader, classes, **options)
+            metrics = evaluate_results(read_results(args.results, classes), loader, classes, on_batch=renders,
+                                       **options)
         else:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             meta = {f"use_{sensor}": True for sensor in args.sensors or sensors}
             metrics = evaluate_bev(model, loader, classes, device=device, modalities=[modality],
-                                   results_path=args.write_results, results_meta=meta, **options)
+                                   results_path=args.write_results, results_meta=meta, on_batch=renders, **options)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"xmodal eval bev: {error}") from error
+    if renders is not None and renders.paths:
+        metrics["renders"] = renders.paths
     out = {"task": "bev", "model": args.results or args.model or args.config, "dataset": args.shards,
            "classes": classes, "metrics": metrics, "skipped": loader.tally.as_dict()}
     print(format_bev_table(out))
     print(f"data: {loader.tally.summary()}")
     emit_results(out, args.out)
     return out
+
+
+def detector_traits(model: Any) -> tuple[list[str] | None, list[float] | None, list[str]]:
+    """Class names, BEV extent and sensors of a detector that says them (``grid.classes``, ``grid.x_range``,
+    ``grid.y_range``, ``inputs`` as :class:`~xmodal.students.bev.BEVDetector` has); ``None`` / ``[]`` otherwise."""
+    net = getattr(model, "detector", model)  # a BEVTeacher wraps its detector
+    inputs, grid = getattr(net, "inputs", None), getattr(net, "grid", None)
+    classes = getattr(grid, "classes", None)
+    x, y = getattr(grid, "x_range", None), getattr(grid, "y_range", None)
+    extent = [float(x[0]), float(y[0]), float(x[1]), float(y[1])] if x is not None and y is not None else None
+    sensors = {"lidar": ["lidar"], "camera": ["camera"], "fusion": ["camera", "lidar"]}.get(str(inputs), [])
+    return (list(classes) if classes is not None else None), extent, sensors
+
+
+def format_bev_table(results: Mapping[str, Any]) -> str:
+    """The summary numbers, then one row per class."""
+    metrics = results["metrics"]
+    ap_keys = [f"AP@{t:g}" for t in metrics["protocol"]["dist_thresholds"]]
+    lines = [f"bev  model={results['model']}  data={results['dataset']}  samples={metrics['samples']}"]
+    lines += [f"  {key:<6} {metrics[key]:.4f}" for key in ("mAP", "NDS", *[f"m{e}" for e in TP_ERRORS])]
+    columns = ["gt", "pred", *ap_keys, *TP_ERRORS]
+    lines.append(f"  {'class':<12}" + "".join(f"{c:>8}" for c in columns))
+    for name, row in metrics["per_class"].items():
+        cells = [f"{row[c]:>8}" if isinstance(row[c], int) else f"{row[c]:>8.3f}" if row[c] is not None
+                 else f"{'-':>8}" for c in columns]
+        lines.append(f"  {name:<12}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""BEV 3D detection evaluation: the nuScenes detection protocol (AP, TP errors, NDS), results JSON and BEV renders.
+"""BEV 3D detection evaluation: the nuScenes detection protocol (AP, TP errors, NDS) and its results JSON.
 
-The command is ``xmodal eval bev`` (:mod:`xmodal.commands.eval_bev`).
+The metric is :class:`xmodal.eval.metrics.DetectionMAP`, the loops :func:`xmodal.eval.loops.evaluate_bev` and
+:func:`~xmodal.eval.loops.evaluate_results`, the renders :mod:`xmodal.render`; the command is ``xmodal eval bev``
+(:mod:`xmodal.commands.eval_bev`).
 
 Boxes of one sample (predictions and ground truth alike) are a dict with ``boxes`` float ``K x 7`` (x, y, z, w, l,
 h, yaw: ego frame, metres, centre; yaw is the angle of the length axis from +x toward +y), ``labels`` int ``K``
@@ -41,23 +43,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from xmodal.contracts import Batch, Modality
-from xmodal.eval.zeroshot import evaluating
-
-if TYPE_CHECKING:
-    from xmodal.data.wds import CountedBatches
+from xmodal.contracts import Batch
 
 DIST_THRESHOLDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 TP_THRESHOLD = 2.0
@@ -66,8 +61,6 @@ DEFAULT_ORIENTATION_PERIODS: dict[str, float] = {"barrier": math.pi}
 NO_ORIENTATION_CLASSES: tuple[str, ...] = ("traffic_cone",)
 MAP_WEIGHT = 5.0
 RECALL = np.linspace(0.0, 1.0, 101)
-DEFAULT_CLASSES: tuple[str, ...] = ("car", "truck", "pedestrian", "cyclist")
-DEFAULT_GRID_RANGE: tuple[float, float, float, float] = (-32.0, -32.0, 32.0, 32.0)  # x_min, y_min, x_max, y_max
 NUSCENES_META = {"use_camera": False, "use_lidar": False, "use_radar": False, "use_map": False,
                  "use_external": False}
 
@@ -113,16 +106,6 @@ def yaw_difference(a: Any, b: Any, period: float = 2 * math.pi) -> np.ndarray:
         raise ValueError(f"orientation period must be in (0, 2 pi], got {period}")
     diff = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64) + period / 2) % period - period / 2
     return np.abs(diff)
-
-
-def bev_corners(box: np.ndarray) -> np.ndarray:
-    """The 4 BEV corners (front-left, front-right, back-right, back-left) of an ``(x, y, z, w, l, h, yaw)`` box."""
-    x, y, _, w, length, _, yaw = box[:7]
-    along = np.array([math.cos(yaw), math.sin(yaw)]) * length / 2
-    across = np.array([-math.sin(yaw), math.cos(yaw)]) * w / 2
-    centre = np.array([x, y])
-    return np.stack([centre + along + across, centre + along - across, centre - along - across,
-                     centre - along + across])
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -392,94 +375,7 @@ def read_results(path: str | Path, classes: Sequence[str]) -> dict[str, dict[str
     return out
 
 
-# --------------------------------------------------------------------------------------------------- BEV render
-
-GT_COLOUR = (60, 220, 90)
-PRED_COLOUR = (255, 70, 50)
-RING_COLOUR = (70, 70, 84)
-BACKGROUND = (16, 16, 22)
-# height colour ramp for points: ground blue -> cyan -> yellow -> red at 3 m
-HEIGHT_STOPS = np.array([-0.5, 0.5, 1.5, 3.0])
-HEIGHT_COLOURS = np.array([[40, 90, 255], [0, 220, 230], [250, 230, 40], [255, 60, 40]], dtype=np.float64)
-
-
-def point_colours(points: np.ndarray) -> np.ndarray:
-    """uint8 ``N x 3``: hue from height, brightness from intensity (column 3, in [0, 1])."""
-    rgb = np.stack([np.interp(points[:, 2], HEIGHT_STOPS, HEIGHT_COLOURS[:, c]) for c in range(3)], axis=1)
-    intensity = np.clip(points[:, 3], 0.0, 1.0) if points.shape[1] > 3 else np.ones(len(points))
-    return (rgb * (0.45 + 0.55 * intensity)[:, None]).astype(np.uint8)
-
-
-def render_bev(
-    points: Any, gt: Detections | None, pred: Detections | None, grid_range: Sequence[float], path: str | Path,
-    *, score_threshold: float = 0.3, pixels_per_metre: float = 8.0, ring_step: float = 10.0,
-) -> Path:
-    """Draw one sample from above as a PNG: x (forward) points up, y (left) points left, the ego at the origin.
-
-    Args:
-        points: ``N x (>=3)`` LiDAR points (x, y, z, [intensity]); ``None`` or empty draws none.
-        gt: ground truth ``{"boxes", "labels"}`` drawn in green, or ``None``.
-        pred: predictions ``{"boxes", "scores", "labels"}`` with a score of at least ``score_threshold``, drawn
-            in red with a heading tick (centre to front edge), or ``None``.
-        grid_range: ``(x_min, y_min, x_max, y_max)`` or ``(x_min, y_min, z_min, x_max, y_max, z_max)`` in metres.
-        path: the PNG to write.
-        pixels_per_metre: scale; the image is ``(y_max - y_min) * ppm`` wide and ``(x_max - x_min) * ppm`` high.
-        ring_step: metres between range rings (and the length of the scale bar).
-    """
-    if len(grid_range) not in (4, 6):
-        raise ValueError(f"grid_range needs 4 or 6 numbers, got {list(grid_range)}")
-    half = len(grid_range) // 2
-    x_min, y_min, x_max, y_max = grid_range[0], grid_range[1], grid_range[half], grid_range[half + 1]
-    ppm = pixels_per_metre
-    width, height = round((y_max - y_min) * ppm), round((x_max - x_min) * ppm)
-
-    def pixel(xy: np.ndarray) -> np.ndarray:  # ... x 2 metres -> ... x 2 (column, row)
-        return np.stack([(y_max - xy[..., 1]) * ppm, (x_max - xy[..., 0]) * ppm], axis=-1)
-
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    ego = pixel(np.zeros(2))
-    radius = ring_step
-    while radius < math.hypot(max(abs(x_min), abs(x_max)), max(abs(y_min), abs(y_max))):
-        r = radius * ppm
-        draw.ellipse([ego[0] - r, ego[1] - r, ego[0] + r, ego[1] + r], outline=RING_COLOUR)
-        radius += ring_step
-
-    if points is not None and len(points):
-        pts = as_array(points)
-        cols, rows = np.floor(pixel(pts[:, :2])).astype(np.int64).T
-        inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
-        canvas = np.array(image)
-        canvas[rows[inside], cols[inside]] = point_colours(pts[inside])
-        image = Image.fromarray(canvas)
-        draw = ImageDraw.Draw(image)
-
-    for det, colour, tick in ((gt, GT_COLOUR, False), (pred, PRED_COLOUR, True)):
-        if det is None or not len(det["boxes"]):
-            continue
-        boxes = box_array(det["boxes"])
-        scores = as_array(det["scores"]).reshape(-1) if "scores" in det else np.ones(len(boxes))
-        for box in boxes[scores >= score_threshold] if tick else boxes:
-            corners = pixel(bev_corners(box))
-            draw.polygon([tuple(c) for c in corners], outline=colour, width=2)
-            if tick:
-                front = corners[:2].mean(axis=0)
-                draw.line([tuple(pixel(box[:2])), tuple(front)], fill=colour, width=2)
-
-    # the ego: a white triangle pointing forward (+x, up)
-    size = max(3.0, 1.2 * ppm)
-    draw.polygon([(ego[0], ego[1] - size), (ego[0] - size / 2, ego[1] + size / 2),
-                  (ego[0] + size / 2, ego[1] + size / 2)], fill=(255, 255, 255))
-    bar = ring_step * ppm
-    draw.line([(8, height - 10), (8 + bar, height - 10)], fill=(230, 230, 230), width=2)
-    draw.text((8, height - 24), f"{ring_step:g} m", fill=(230, 230, 230))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------------------------------------ ground truth
 
 
 def batch_ground_truth(batch: Batch) -> list[dict[str, Tensor]]:
@@ -491,168 +387,3 @@ def batch_ground_truth(batch: Batch) -> list[dict[str, Tensor]]:
             gt["num_points"] = batch["box_points"][i, :n].cpu()
         out.append(gt)
     return out
-
-
-def render_name(token: str) -> str:
-    return re.sub(r"[^\w.-]", "_", token) + ".png"
-
-
-def collect(
-    batches: Iterable[Batch], predict: Callable[[Batch], Sequence[Detections]], render: int = 0,
-    render_dir: str | Path | None = None, grid_range: Sequence[float] = DEFAULT_GRID_RANGE,
-    score_threshold: float = 0.3,
-) -> tuple[list[Detections], list[Detections], list[str], list[str]]:
-    """Predictions, ground truth, sample tokens and the renders of the first ``render`` samples, over ``batches``."""
-    if render > 0 and render_dir is None:
-        raise ValueError("render_dir is needed to render samples")
-    preds: list[Detections] = []
-    truths: list[Detections] = []
-    tokens: list[str] = []
-    renders: list[str] = []
-    for batch in tqdm(batches, desc="bev eval", unit="batch", disable=None):
-        gts = batch_ground_truth(batch)
-        keys = list(batch.get("__key__") or [f"sample{len(tokens) + i}" for i in range(len(gts))])
-        detections = list(predict(batch))
-        if len(detections) != len(gts):
-            raise ValueError(f"the detector returned {len(detections)} predictions for a batch of {len(gts)}")
-        for i, (det, gt) in enumerate(zip(detections, gts, strict=True)):
-            if len(renders) < render:
-                points = batch["lidar"][i, : int(batch["lidar_counts"][i])] if "lidar" in batch else None
-                path = Path(cast(str | Path, render_dir)) / render_name(keys[i])
-                renders.append(str(render_bev(points, gt, det, grid_range, path, score_threshold=score_threshold)))
-        preds += detections
-        truths += gts
-        tokens += keys
-    return preds, truths, tokens, renders
-
-
-def evaluate_bev(
-    model: Detector,
-    loader: Iterable[Batch],
-    classes: Sequence[str],
-    *,
-    device: str | torch.device | None = None,
-    modalities: Sequence[Modality] = (),
-    results_path: str | Path | None = None,
-    results_meta: Mapping[str, bool] | None = None,
-    render: int = 0,
-    render_dir: str | Path | None = None,
-    grid_range: Sequence[float] = DEFAULT_GRID_RANGE,
-    score_threshold: float = 0.3,
-    **metric_options: Any,
-) -> dict[str, Any]:
-    """nuScenes-style metrics of a detector (``model.predict(batch)``, see :class:`Detector`) over a BEV loader.
-
-    Args:
-        model: an ``nn.Module`` is put in eval mode (and moved to ``device``) for the run, then restored.
-        loader: yields BEV batches (:class:`~xmodal.modalities.bev.BEVModality` fields and ``__key__``).
-        classes: class names in label order.
-        device: where to run; ``None`` keeps the model where it is.
-        modalities: plug-ins whose ``on_device`` runs on each batch after the move (uint8 camera -> float).
-        results_path: also write the predictions there as a nuScenes results JSON (``results_meta`` its meta).
-        render: render the first ``render`` samples as PNG into ``render_dir`` (see :func:`render_bev`).
-        grid_range, score_threshold: the renders' extent and the lowest score of a drawn prediction.
-        metric_options: keyword arguments of :func:`detection_metrics`.
-
-    Returns:
-        :func:`detection_metrics`' dict, plus ``results_json`` and ``renders`` (paths) when written.
-    """
-    from xmodal.data.wds import move_batch, prepare_on_device
-
-    with evaluating(cast(Any, model), device) as dev, torch.inference_mode():
-
-        def predict(batch: Batch) -> list[Detections]:
-            outputs = model.predict(prepare_on_device(move_batch(batch, dev), modalities, train=False))
-            return [{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in det.items()} for det in outputs]
-
-        preds, truths, tokens, renders = collect(loader, predict, render, render_dir, grid_range, score_threshold)
-    metrics = detection_metrics(preds, truths, classes, **metric_options)
-    if results_path is not None:
-        metrics["results_json"] = str(write_results(results_path, preds, tokens, classes, results_meta))
-    if renders:
-        metrics["renders"] = renders
-    return metrics
-
-
-def evaluate_results(
-    results: Mapping[str, Detections],
-    loader: Iterable[Batch],
-    classes: Sequence[str],
-    *,
-    render: int = 0,
-    render_dir: str | Path | None = None,
-    grid_range: Sequence[float] = DEFAULT_GRID_RANGE,
-    score_threshold: float = 0.3,
-    **metric_options: Any,
-) -> dict[str, Any]:
-    """Metrics of stored predictions (:func:`read_results`' dict) against the ground truth of a BEV loader.
-
-    Samples missing from ``results`` count as having no prediction (``samples_without_results`` says how many);
-    results for a sample token the loader does not have raise ``ValueError`` (a wrong split, most likely).
-    """
-    empty = {"boxes": torch.zeros(0, 7), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
-
-    def predict(batch: Batch) -> list[Detections]:
-        return [results.get(key, empty) for key in batch["__key__"]]
-
-    preds, truths, tokens, renders = collect(loader, predict, render, render_dir, grid_range, score_threshold)
-    unknown = sorted(set(results) - set(tokens))
-    if unknown:
-        raise ValueError(f"{len(unknown)} sample tokens of the results are not in the ground truth, e.g. "
-                         f"{unknown[:3]}")
-    metrics = detection_metrics(preds, truths, classes, **metric_options)
-    metrics["samples_without_results"] = sum(token not in results for token in tokens)
-    if renders:
-        metrics["renders"] = renders
-    return metrics
-
-
-# ------------------------------------------------------------------------------------------- recipes and loaders
-
-
-def recipe_bev_args(config: str | Path) -> dict[str, Any]:
-    """``init_args`` of the BEVModality in a recipe's ``data.modalities`` (empty when there is none)."""
-    import yaml
-
-    data = yaml.safe_load(Path(config).read_text()) or {}
-    for entry in (data.get("data") or {}).get("modalities") or []:
-        if isinstance(entry, dict) and str(entry.get("class_path", "")).endswith("BEVModality"):
-            return dict(entry.get("init_args") or {})
-    return {}
-
-
-def detector_traits(model: Any) -> tuple[list[str] | None, list[float] | None, list[str]]:
-    """Class names, BEV extent and sensors of a detector that says them (``grid.classes``, ``grid.x_range``,
-    ``grid.y_range``, ``inputs`` as :class:`~xmodal.students.bev.BEVDetector` has); ``None`` / ``[]`` otherwise."""
-    net = getattr(model, "detector", model)  # a BEVTeacher wraps its detector
-    inputs, grid = getattr(net, "inputs", None), getattr(net, "grid", None)
-    classes = getattr(grid, "classes", None)
-    x, y = getattr(grid, "x_range", None), getattr(grid, "y_range", None)
-    extent = [float(x[0]), float(y[0]), float(x[1]), float(y[1])] if x is not None and y is not None else None
-    sensors = {"lidar": ["lidar"], "camera": ["camera"], "fusion": ["camera", "lidar"]}.get(str(inputs), [])
-    return (list(classes) if classes is not None else None), extent, sensors
-
-
-def bev_loader(pattern: str, modality: Modality, batch_size: int, num_workers: int) -> CountedBatches:
-    """An in-order loader of BEV batches from shards (corrupt samples skipped and counted)."""
-    from torch.utils.data import DataLoader
-
-    from xmodal.data.wds import CountedBatches, make_pipeline
-
-    pipeline = make_pipeline(pattern, [modality], batch_size, train=False)
-    return CountedBatches(DataLoader(pipeline, batch_size=None, num_workers=num_workers), pattern)
-
-
-def format_bev_table(results: Mapping[str, Any]) -> str:
-    """The summary numbers, then one row per class."""
-    metrics = results["metrics"]
-    ap_keys = [f"AP@{t:g}" for t in metrics["protocol"]["dist_thresholds"]]
-    lines = [f"bev  model={results['model']}  data={results['dataset']}  samples={metrics['samples']}"]
-    lines += [f"  {key:<6} {metrics[key]:.4f}" for key in ("mAP", "NDS", *[f"m{e}" for e in TP_ERRORS])]
-    columns = ["gt", "pred", *ap_keys, *TP_ERRORS]
-    lines.append(f"  {'class':<12}" + "".join(f"{c:>8}" for c in columns))
-    for name, row in metrics["per_class"].items():
-        cells = [f"{row[c]:>8}" if isinstance(row[c], int) else f"{row[c]:>8.3f}" if row[c] is not None
-                 else f"{'-':>8}" for c in columns]
-        lines.append(f"  {name:<12}" + "".join(cells))
-    return "\n".join(lines)

@@ -1,14 +1,15 @@
 """Every recipe's task metric as a torchmetrics ``Metric``: the same objects score ``xmodal eval`` and validation.
 
-Each one accumulates over ``update`` calls (and across DDP ranks in ``compute``) and gives exactly the numbers of
-the hand-written function it wraps:
+Each one accumulates over ``update`` calls (and across DDP ranks in ``compute``) over the protocol's own rules:
 
 * :class:`TopKAccuracy`: zero-shot top-k (:func:`~xmodal.eval.zeroshot.topk_hits`);
 * :class:`RetrievalRecall`: image<->text recall@k (:func:`~xmodal.eval.retrieval.recall_at_k`);
-* :class:`TranscriptCER` / :class:`TranscriptWER`: torchmetrics' CER/WER on normalised transcripts
-  (:func:`~xmodal.modalities.transcript.cer` / ``wer``);
+* :class:`TranscriptCER` / :class:`TranscriptWER`: torchmetrics' CER/WER on normalised transcripts, the numbers
+  of :func:`~xmodal.modalities.transcript.cer` / ``wer`` (:func:`error_rates` for one list of transcripts);
 * :class:`DetectionMAP`: nuScenes-style mAP/NDS (:func:`~xmodal.eval.bev.detection_metrics`);
-* :class:`Base2NovelAccuracy`: base / novel / harmonic-mean top-1 (:func:`~xmodal.eval.base2novel.base2novel_metrics`).
+* :class:`Base2NovelAccuracy`: base / novel / harmonic-mean top-1 (:func:`~xmodal.eval.base2novel.subset_hits`).
+
+The evaluation loops (:mod:`xmodal.eval.loops`) and validation (:mod:`xmodal.eval.tasks`) both feed these.
 
 torchmetrics' own top-k accuracy and retrieval metrics break score ties by position; ours count ties against the
 model (a collapsed model never scores well), so those two are ``Metric`` subclasses over our rank rules.
@@ -66,7 +67,7 @@ class RetrievalRecall(Metric):
     ``update(image_emb, text_emb, text_to_image=None, captions=None)``: ``Ni x D`` images and ``Nt x D`` captions
     of this update; ``text_to_image`` (``Nt``, indices into this update's images) defaults to one caption per image
     in order. With ``captions``, a caption counts as correct for every paired image whose own caption is the same
-    string (:func:`~xmodal.eval.retrieval.same_text_retrieval`; images and captions must then be paired).
+    string (images and captions must then be paired).
 
     ``compute()`` gives :func:`~xmodal.eval.retrieval.retrieval_metrics`' keys (``i2t_R@1``, ..., ``t2i_R@10``).
     """
@@ -148,6 +149,14 @@ class TranscriptCER(NormalizedErrorRate, CharErrorRate):
 class TranscriptWER(NormalizedErrorRate, WordErrorRate):
     """Corpus word error rate (whitespace-separated words), as :func:`~xmodal.modalities.transcript.wer`;
     ``update(hypotheses, references)``."""
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: str = "en") -> dict[str, float]:
+    """Corpus ``{"cer", "wer"}`` of normalised transcripts (:class:`TranscriptCER`, :class:`TranscriptWER`)."""
+    char, word = TranscriptCER(language), TranscriptWER(language)
+    char.update(list(hypotheses), list(references))
+    word.update(list(hypotheses), list(references))
+    return {"cer": char.compute().item(), "wer": word.compute().item()}
 
 
 def normalized(preds: str | list[str], target: str | list[str], language: str) -> tuple[list[str], list[str]]:

@@ -35,7 +35,7 @@ from xmodal.contracts import Batch, Outputs
 from xmodal.eval import metrics
 from xmodal.eval.base2novel import classifier_of, read_split
 from xmodal.eval.bev import batch_ground_truth
-from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder, class_embeddings
+from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder, class_embeddings, cosine_logits
 
 
 class MissingFieldError(KeyError):
@@ -48,17 +48,11 @@ def field(source: Mapping[str, Any], key: str, task: str, where: str) -> Any:
     return source[key]
 
 
-def cosine_logits(image_emb: Tensor, classifier: Tensor) -> Tensor:
-    """``N x C`` scores of image embeddings against L2-normalised class embeddings, as the eval functions compute
-    them (the image side is normalised here)."""
-    return F.normalize(image_emb.float(), dim=-1) @ classifier.T
-
-
 class ZeroShotTask(nn.Module):
     """Zero-shot top-k accuracy: the student's image embeddings against its own prompt-ensembled class texts.
 
     The class embeddings are computed once per validation epoch (at its first batch) with the student's
-    ``encode_text``, as :func:`~xmodal.eval.zeroshot.evaluate_zeroshot` does.
+    ``encode_text``, as :func:`~xmodal.eval.loops.evaluate_zeroshot` does.
 
     Args:
         classes: a ``classes.json`` (``classes`` in label order, optional ``templates``), as corpora write it.

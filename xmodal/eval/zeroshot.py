@@ -1,4 +1,7 @@
-"""Zero-shot classification: the CLIP recipe of prompt-ensembled class embeddings, and top-k accuracy.
+"""Zero-shot classification: the CLIP recipe of prompt-ensembled class embeddings, and top-k hits.
+
+The loop over a loader is :func:`xmodal.eval.loops.evaluate_zeroshot`; the metric is
+:class:`xmodal.eval.metrics.TopKAccuracy`.
 
 Models need ``encode_image(images) -> B x D`` and ``encode_text(list[str]) -> B x D`` (as
 :class:`xmodal.students.clip.CLIPStudent` has). Embeddings are L2-normalised here again, so any such model works.
@@ -11,14 +14,13 @@ whose scores are all equal gets chance-or-worse accuracy, never a perfect one. N
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 Template = str | Callable[[str], str]
 
@@ -59,19 +61,6 @@ def topk_hits(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dic
     true = logits.gather(1, labels.view(-1, 1).long())
     rank = (logits >= true).sum(1) - 1  # wrong classes scoring >= the true one
     return {k: int((rank < k).sum()) for k in ks}
-
-
-def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy as fractions: ``{"top1": ..., "top5": ...}``.
-
-    Args:
-        logits: ``N x C`` scores.
-        labels: ``N`` class indices.
-        ks: the ``k`` values; ``k`` larger than ``C`` is clipped to ``C`` (so it scores 1.0).
-    """
-    n = labels.numel()
-    hits = topk_hits(logits, labels, ks)
-    return {f"top{k}": hits[k] / n if n else 0.0 for k in ks}
 
 
 @contextmanager
@@ -133,36 +122,7 @@ def class_embeddings(
     return F.normalize(emb.mean(1), dim=-1)
 
 
-@torch.inference_mode()
-def evaluate_zeroshot(
-    model: DualEncoder,
-    loader: Iterable[Mapping[str, Any]],
-    classnames: Sequence[str],
-    templates: Sequence[Template] = SIMPLE_TEMPLATES,
-    device: str | torch.device | None = None,
-    ks: Sequence[int] = (1, 5),
-) -> dict[str, float]:
-    """Zero-shot top-k accuracy of ``model`` on a labelled image loader.
-
-    Args:
-        model: has ``encode_image`` and ``encode_text``; put in eval mode for the run, then restored.
-        loader: yields dicts with ``image`` (uint8 or float ``B x 3 x H x W``) and ``label`` (``B`` class indices).
-        classnames: the ``C`` class names, in label order.
-        templates: prompt templates, ensembled per class.
-        device: where to run (the model is moved there); ``None`` keeps the model where it is.
-        ks: the ``k`` values.
-
-    Returns:
-        ``{"top1": ..., "top5": ..., "n": N}``, accuracies as fractions in [0, 1].
-    """
-    hits = dict.fromkeys(ks, 0)
-    n = 0
-    with evaluating(model, device) as dev:
-        classifier = class_embeddings(model, classnames, templates).to(dev)
-        for batch in tqdm(loader, desc="zero-shot", disable=None):
-            image_emb = F.normalize(model.encode_image(batch["image"].to(dev, non_blocking=True)).float(), dim=-1)
-            labels = batch["label"].to(dev, non_blocking=True)
-            for k, h in topk_hits(image_emb @ classifier.T, labels, ks).items():
-                hits[k] += h
-            n += labels.numel()
-    return {**{f"top{k}": hits[k] / n if n else 0.0 for k in ks}, "n": n}
+def cosine_logits(image_emb: Tensor, classifier: Tensor) -> Tensor:
+    """``N x C`` scores of image embeddings against L2-normalised class embeddings (the image side is normalised
+    here)."""
+    return F.normalize(image_emb.float(), dim=-1) @ classifier.T

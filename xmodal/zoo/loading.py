@@ -2,7 +2,8 @@
 
 Zoo names and checkpoint folders go through :func:`xmodal.zoo.create_model`; a recipe (``config``) is rebuilt
 from its ``model:`` section, its short class names resolved through :func:`xmodal.plugins.load_plugins`, with the
-weights of a Lightning checkpoint.
+weights of a Lightning checkpoint. A recipe saved before one of its classes moved still loads
+(:mod:`xmodal.zoo.moved`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ def load_distiller(config: str | Path, checkpoint: str | Path | None = None) -> 
 
     from xmodal.distiller import Distiller
     from xmodal.plugins import load_plugins
+    from xmodal.zoo.moved import current_class_paths
 
     load_plugins()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(Distiller, "model", fail_untyped=False)
-    parsed = parser.parse_object({"model": yaml.safe_load(Path(config).read_text())["model"]})
+    model = current_class_paths(yaml.safe_load(Path(config).read_text())["model"], config)
+    parsed = parser.parse_object({"model": model})
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     distiller = instantiate(parsed).model
     if checkpoint is not None:

@@ -33,7 +33,8 @@ Trust: a card is data, never code. Before anything is imported or built, :func:`
   vouches for one.
 * the weights' ``sha256``, read before the model is built.
 
-Refusals raise :class:`UntrustedCardError` (a ``ValueError``) or :class:`ChecksumError`.
+Refusals raise :class:`UntrustedCardError` (a ``ValueError``) or :class:`ChecksumError`. A card written before
+its class moved still loads, from the new home, with a warning (:mod:`xmodal.zoo.moved`).
 
 This module imports only the standard library at import time; torch, safetensors and yaml load on use.
 """
@@ -51,6 +52,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from xmodal.zoo.moved import current_class_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -155,8 +158,8 @@ def create_model(name_or_path: str, pretrained: bool = True, **overrides: Any) -
         ChecksumError: the weights file does not match the card's sha256.
     """
     card, root, card_path = _locate(name_or_path)
-    _verify_card(card, card_path)
-    cls = _model_class(card["class_path"], card_path)
+    _verify_card(card, card_path)  # over the class_path as written, before a moved one is read from its new home
+    cls = _model_class(current_class_path(card["class_path"], card_path), card_path)
     weights = _verified_weights(card, root, name_or_path) if pretrained else None
     init_args = _resolve_bundled(card, root)
     init_args.update(overrides)

@@ -61,7 +61,12 @@ def test_tiny_config_fast_dev_run(config: Path, workspace: Path, monkeypatch: py
     trainers = record_fits(monkeypatch)
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])
     assert_one_finite_step(trainers)
-    assert set(TASK_METRICS.get(config.stem, ())) <= set(trainers[0].callback_metrics)
+    recipe = yaml.safe_load(config.read_text())
+    logged = set(trainers[0].callback_metrics)
+    if recipe["data"].get("val"):
+        assert "val/loss" in logged
+    if recipe["model"].get("val_metrics"):
+        assert set(TASK_METRICS[config.stem]) <= logged
 
 
 TASK_METRICS = {  # what each tiny recipe's val_metrics log in validation
@@ -69,6 +74,18 @@ TASK_METRICS = {  # what each tiny recipe's val_metrics log in validation
     "lipreading": ("val/cer", "val/wer"),
     "lipreading_mixspeech": ("val/cer", "val/wer"),
 }
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_a_recipe_with_task_metrics_validates_them(config: Path) -> None:
+    """``val_metrics`` log only in validation: a recipe that names them also names its val split, except those
+    trained on base-class labels alone (their loss cannot score the val split's novel-class labels)."""
+    recipe = yaml.safe_load(config.read_text())
+    if recipe["model"].get("val_metrics") and config.relative_to(ROOT / "configs").as_posix() not in BASE_LABELS_ONLY:
+        assert recipe["data"].get("val"), f"{config.name} has val_metrics but no data.val"
+
+
+BASE_LABELS_ONLY = {"prompt_distill/teacher_stage1.yaml", "prompt_distill/student_labels_only.yaml"}
 
 
 def test_cached_teacher_gives_the_live_loss(workspace: Path) -> None:

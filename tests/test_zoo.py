@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def save_tiny(tmp_path: Path, out: Path, name: str = "tiny") -> tuple[CLIPStuden
 
 @torch.inference_mode()
 def outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    assert isinstance(model, CLIPStudent)
     model.eval()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     return model.encode_image(images), model.encode_text(TEXTS)
@@ -101,6 +103,7 @@ def test_model_card(tmp_path: Path, zoo_dir: Path) -> None:
 def test_pretrained_false_and_overrides(tmp_path: Path, zoo_dir: Path) -> None:
     model, ckpt = save_tiny(tmp_path, tmp_path / "ckpt")
     fresh = create_model(str(ckpt), pretrained=False)
+    assert isinstance(fresh, CLIPStudent)
     assert not torch.equal(fresh.model.visual.conv1.weight, model.model.visual.conv1.weight)
     wider = create_model(str(ckpt), pretrained=False, embed_dim=8)
     assert outputs(wider)[0].shape == (2, 8)
@@ -162,7 +165,8 @@ def test_save_pretrained_handles_a_buffer_that_views_part_of_its_storage(tmp_pat
 
 def write_card(folder: Path, class_path: str, init_args: dict, seal: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    card = {"name": "hostile", "class_path": class_path, "init_args": init_args, "bundled": [], "checkpoint": None}
+    card: dict[str, Any] = {"name": "hostile", "class_path": class_path, "init_args": init_args, "bundled": [],
+                            "checkpoint": None}
     if seal:  # a valid digest: the allow-list alone must refuse
         card["card_sha256"] = card_digest(card)
     (folder / "card.yaml").write_text(yaml.safe_dump(card))
@@ -173,7 +177,7 @@ def write_card(folder: Path, class_path: str, init_args: dict, seal: bool = True
 def test_hostile_class_paths_are_refused_before_anything_runs(tmp_path: Path, pretrained: bool) -> None:
     marker = tmp_path / "pwned"
     write_marker = f"open({str(marker)!r}, 'w').close()"
-    hostile = {
+    hostile: dict[str, dict[str, Any]] = {
         "subprocess.check_call": {"args": [sys.executable, "-c", write_marker]},
         "os.system": {"command": f'{sys.executable} -c "{write_marker}"'},
         "builtins.eval": {"source": write_marker},

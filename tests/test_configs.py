@@ -42,7 +42,7 @@ def record_fits(monkeypatch: pytest.MonkeyPatch, *callbacks: L.Callback) -> list
 
     def recording_fit(self: L.Trainer, *args: Any, **kwargs: Any) -> Any:
         trainers.append(self)
-        self.callbacks.extend(callbacks)
+        self.callbacks.extend(callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__ by a connector
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(L.Trainer, "fit", recording_fit)

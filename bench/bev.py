@@ -17,7 +17,7 @@ Rows (``ROWS``; every student of a seed distils from the teacher trained with th
 Every run is a plain ``xmodal fit`` of the recipe with paths, seed, step budget (warm-up scaled below the recipe's
 2000 steps), logger, export folder, device and the teacher folder rewritten (written under ``<work>/configs``);
 validation is off. Each exported model (``ExportStudent``) is scored on the test split with
-:func:`xmodal.eval.bev.evaluate_bev` (nuScenes-style mAP, NDS over ATE/ASE/AOE, per-class AP). Finished
+:func:`xmodal.eval.loops.evaluate_bev` (nuScenes-style mAP, NDS over ATE/ASE/AOE, per-class AP). Finished
 ``row/seed`` entries of the results JSON are skipped on a rerun with the same budget and data; a teacher whose
 export folder is gone is retrained when a student still needs it. Parameters and CPU ms per sample (one thread,
 batch 1, median) are measured once per model type. Results: ``bench/results/bev.{json,md}``

@@ -31,7 +31,8 @@ class SlowAfter(L.Callback):
 
 
 def fit_command(config: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "xmodal.commands", "fit", "--config", str(config), "--trainer.max_steps", str(MAX_STEPS),
+    return [sys.executable, "-m", "xmodal.commands", "fit", "--config", str(config),
+            "--trainer.max_steps", str(MAX_STEPS),
             "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(root),
             "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'steps'}",
             "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1", *extra]

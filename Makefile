@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m xmodal.demo --out runs/demo
+	$(PY) -m xmodal.commands demo --out runs/demo
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest

@@ -19,7 +19,7 @@ TEACHER_MIN_ZEROSHOT = 0.2  # well above chance on both corpora (shapes and digi
 
 def check_teacher(name: str, teacher: Path, data: Path) -> None:
     """Refuse to distil from a teacher that did not learn: its students' rows would measure nothing."""
-    from xmodal.demo import evaluate
+    from xmodal.commands.demo import evaluate
     from xmodal.zoo import create_model
 
     top1 = evaluate(create_model(str(teacher)), data, 32)["zeroshot_top1"]
@@ -43,8 +43,8 @@ def steps_to_reach(curves: list[list[dict[str, float]]], target: float) -> int |
 
 def evaluate_run(run: dict[str, Any], data: Path) -> None:
     """Fill ``run`` with final zero-shot/R@1 on the test split and parameter counts (once)."""
+    from xmodal.commands.demo import evaluate
     from xmodal.contracts import count_params
-    from xmodal.demo import evaluate
     from xmodal.zoo import create_model
 
     if "zeroshot_top1" in run:
@@ -57,7 +57,7 @@ def evaluate_run(run: dict[str, Any], data: Path) -> None:
 
 def measure_latency(results: dict[str, Any]) -> None:
     """CPU ms per image (one thread) of each corpus' teacher and every exported student."""
-    from xmodal.demo import ms_per_image
+    from xmodal.commands.demo import ms_per_image
     from xmodal.zoo import create_model
 
     threads = torch.get_num_threads()
@@ -74,8 +74,8 @@ def measure_latency(results: dict[str, Any]) -> None:
 
 def summarize(entry: dict[str, Any], data: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """One row per method: mean/std over seeds, params, latency, steps to reach the scratch accuracy."""
+    from xmodal.commands.demo import evaluate
     from xmodal.contracts import count_params
-    from xmodal.demo import evaluate
     from xmodal.zoo import create_model
 
     if "teacher_metrics" not in entry:

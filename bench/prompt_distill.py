@@ -131,7 +131,7 @@ def evaluate(model: Any, data: Path, split: Any, templates: list[str], image_siz
 
 
 def image_cost(model: Any, image_size: int, params: int) -> dict[str, float]:
-    from xmodal.demo import ms_per_image
+    from xmodal.commands.demo import ms_per_image
 
     return {"image_params": params, "cpu_ms_per_image": ms_per_image(model, image_size)}
 

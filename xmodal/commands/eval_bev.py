@@ -137,7 +137,8 @@ def run_bev(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
 
 def detector_traits(model: Any) -> tuple[list[str] | None, list[float] | None, list[str]]:
     """Class names, BEV extent and sensors of a detector that says them (``grid.classes``, ``grid.x_range``,
-    ``grid.y_range``, ``inputs`` as :class:`~xmodal.modalities.bev_detector.BEVDetector` has); ``None`` / ``[]`` otherwise."""
+    ``grid.y_range``, ``inputs`` as :class:`~xmodal.modalities.bev_detector.BEVDetector` has); ``None`` / ``[]``
+    otherwise."""
     net = getattr(model, "detector", model)  # a BEVTeacher wraps its detector
     inputs, grid = getattr(net, "inputs", None), getattr(net, "grid", None)
     classes = getattr(grid, "classes", None)

@@ -20,10 +20,10 @@ from xmodal.plugins import load_plugins
 
 DESCRIPTION = (
     "Cross-modal knowledge distillation. Training verbs below are Lightning's; xmodal also has: "
-    "`xmodal data make NAME --out DIR`, `xmodal cache --config ...`, "
-    "`xmodal eval zeroshot|retrieval|base2novel|asr|bev ...`, "
+    "`xmodal data make NAME --out DIR`, `xmodal cache --config ...`, `xmodal stats --config ...`, "
+    "`xmodal tune --config ... --space ...`, `xmodal eval zeroshot|retrieval|base2novel|asr|bev ...`, "
     "`xmodal compress --config ...`, `xmodal search-student ...`, `xmodal class-vectors ...`, "
-    "`xmodal convert whisper-ct2 SRC DST` (each with --help)."
+    "`xmodal convert whisper-ct2 SRC DST`, `xmodal demo` (each with --help)."
 )
 
 

@@ -15,6 +15,7 @@
 * ``xmodal search-student --teacher ... --candidates ... --data ...``: rank student architectures without training
   (DisWOT).
 * ``xmodal class-vectors --teacher DIR --out FILE``: store a prompt-tuned teacher's class vectors once (PromptKD).
+* ``xmodal demo [--out runs/demo]``: the main job (``make demo``), a small CLIP compression end to end.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ VERBS = {
     "search-student": ("search", "search_main"),
     "class-vectors": ("class_vectors", "class_vectors_main"),
     "eval": ("eval", "eval_main"),
+    "demo": ("demo", "main"),
 }
 
 

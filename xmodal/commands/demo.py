@@ -1,4 +1,4 @@
-"""The main job (``make demo``): a small CLIP compression end to end on the built-in offline data.
+"""The main job (``make demo``, ``xmodal demo``): a small CLIP compression end to end on the built-in offline data.
 
 1. Build the ``shapes`` corpus (skipped when it exists with the same settings).
 2. Train a CLIP teacher from scratch (skipped when ``runs/demo/teacher`` holds one from the same config), and

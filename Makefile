@@ -6,12 +6,17 @@ STAMP := $(VENV)/.xmodal-installed
 
 .PHONY: install system-deps demo test lint bench clean
 
-# espeak-ng synthesises the lip-reading corpus; tests that need it skip when it is missing.
+# $(call apt-install,TEST,PACKAGES,NOTE): unless TEST succeeds, apt-get PACKAGES as root (best effort), else print NOTE.
+apt-install = $(1) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	(apt-get install -y -q $(2) >/dev/null 2>&1 || \
+	 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null 2>&1)) || \
+	echo "note: $(3)"; }
+
+# espeak-ng synthesises the lip-reading corpus and dataset-fashion-mnist holds the Fashion-MNIST images; tests that
+# need them skip when they are missing.
 system-deps:
-	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		(apt-get install -y -q espeak-ng libespeak-ng-dev >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng libespeak-ng-dev >/dev/null 2>&1)) || \
-		echo "note: espeak-ng not installed; corpus tests will be skipped"; }
+	@$(call apt-install,command -v espeak-ng >/dev/null 2>&1,espeak-ng libespeak-ng-dev,espeak-ng not installed; corpus tests will be skipped)
+	@$(call apt-install,[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ],dataset-fashion-mnist,dataset-fashion-mnist not installed; Fashion-MNIST tests will be skipped)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

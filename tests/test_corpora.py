@@ -78,8 +78,8 @@ def test_write_shards_fixed_mtime_is_byte_reproducible(tmp_path: Path) -> None:
 
 
 def test_make_corpus_names() -> None:
-    assert set(CORPORA) == {"shapes", "digits", "avsync", "avspeech-grid", "bev-scenes"}
-    with pytest.raises(ValueError, match="avsync, bev-scenes, digits, shapes"):
+    assert set(CORPORA) == {"shapes", "digits", "avsync", "avspeech-grid", "bev-scenes", "fashion-mnist"}
+    with pytest.raises(ValueError, match="avsync, bev-scenes, digits, fashion-mnist, shapes"):
         make_corpus("imagenet", "/nonexistent")
 
 

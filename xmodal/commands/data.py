@@ -26,6 +26,7 @@ def data_main(argv: Sequence[str]) -> None:
     make.add_argument("--n-test", type=int)
     make.add_argument("--shard-size", type=int)
     make.add_argument("--size", choices=("tiny", "small", "medium"), help="corpus size, where the corpus has sizes")
+    make.add_argument("--source", help="folder with the corpus's source files, where the corpus reads some")
     make.add_argument("--workers", type=int, help="generating processes, where the corpus is generated in parallel")
     args = parser.parse_args(list(argv))
     options = {k: v for k, v in vars(args).items() if k not in ("verb", "name", "out") and v is not None}

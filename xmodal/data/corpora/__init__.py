@@ -9,6 +9,8 @@ the side files and ``meta.json``.
 
 * ``shapes``: procedural coloured shapes with compositional captions; test holds unseen attribute combinations.
 * ``digits``: scikit-learn's handwritten digits, upscaled and colourised, with captions.
+* ``fashion-mnist``: the real Fashion-MNIST photos (Debian package ``dataset-fashion-mnist``) with captions,
+  a base/novel class split and nested 1 % / 10 % labelled subsets; ``make(out_dir, *, ..., source=DIR)``.
 * ``avsync``: short clips of a pulsing blob with a tone following the same envelope (audio-video pairs).
 * ``avspeech-grid``: GRID sentences spoken by espeak-ng with a rendered mouth driven by the engine's phoneme
   timings (``flac``, ``mp4``, ``txt``, ``json``; needs libespeak-ng); ``make(out_dir, *, seed, size, ...)``.
@@ -22,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.corpora import avspeech, avsync, bevscenes, digits, shapes
+from xmodal.data.corpora import avspeech, avsync, bevscenes, digits, fashion_mnist, shapes
 
 CORPORA: dict[str, Callable[..., dict[str, Any]]] = {
     "shapes": shapes.make, "digits": digits.make, "avsync": avsync.make, "avspeech-grid": avspeech.make,
-    "bev-scenes": bevscenes.make,
+    "bev-scenes": bevscenes.make, "fashion-mnist": fashion_mnist.make,
 }
 
 
@@ -41,4 +43,4 @@ def make_corpus(name: str, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]
     return CORPORA[name](out_dir, **kwargs)
 
 
-__all__ = ["CORPORA", "make_corpus", "avspeech", "avsync", "bevscenes", "digits", "shapes"]
+__all__ = ["CORPORA", "make_corpus", "avspeech", "avsync", "bevscenes", "digits", "fashion_mnist", "shapes"]

@@ -29,7 +29,7 @@ import json
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,17 @@ class Bench:
         data["num_workers"] = self.args.num_workers if self.args.num_workers is not None else data["num_workers"]
         return harness.write_config(config, self.work / "configs" / f"{run}.yaml")
 
-    def fit(self, name: str, run: str, seed: int, steps: int) -> dict[str, Any]:
-        """``xmodal fit`` one recipe; returns wall seconds, steps and the median step time."""
+    def fit(self, name: str, run: str, seed: int, steps: int,
+            edit: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+        """``xmodal fit`` one recipe (its rewritten config changed by ``edit`` first); returns wall seconds, steps
+        and the median step time."""
         for stale in (self.work / "logs" / run, self.work / "students" / run):  # an interrupted run restarts
             shutil.rmtree(stale, ignore_errors=True)
         path = self.config(name, run, seed, steps)
+        if edit is not None:
+            config = yaml.safe_load(path.read_text())
+            edit(config)
+            harness.write_config(config, path)
         seconds = harness.fit(path)
         timer = json.loads((self.work / "timers" / f"{run}.json").read_text())
         return {"seconds": seconds, "steps": steps, "step_s": timer["median_step_s"], "config": str(path)}
@@ -253,6 +259,14 @@ def ensure_cache(bench: Bench) -> dict[str, Any]:
     return summary
 
 
+def ensure_adapted(bench: Bench, steps: int) -> dict[str, Any] | None:
+    """Adapt Whisper on the corpus (``teacher_whisper_adapt.yaml``, ``steps``) unless its weights exist; the fit's
+    timing, or ``None`` when they did."""
+    if (bench.adapted / "model.safetensors").is_file():
+        return None
+    return bench.fit("teacher_whisper_adapt.yaml", "teacher_whisper_adapt", 0, steps)
+
+
 def run_teachers(bench: Bench, results: dict[str, Any], subsets: dict[str, str], save: Any, train: bool = True) -> None:
     """Zero-shot and adapted Whisper, and the conformer trained from scratch: train when missing (with ``train``),
     then score those that exist and have no score, or one without the per-utterance statistics."""
@@ -260,8 +274,8 @@ def run_teachers(bench: Bench, results: dict[str, Any], subsets: dict[str, str],
     from xmodal.teachers.whisper import WhisperTeacher
 
     args, teachers, timings = bench.args, results.setdefault("teachers", {}), results.setdefault("timings", {})
-    if train and not (bench.adapted / "model.safetensors").is_file():
-        timings["adapt"] = bench.fit("teacher_whisper_adapt.yaml", "teacher_whisper_adapt", 0, args.adapt_steps)
+    if train and (adapt := ensure_adapted(bench, args.adapt_steps)) is not None:
+        timings["adapt"] = adapt
         save()
     if train and not (bench.conformer / "conformer.pt").is_file():
         timings["conformer"] = bench.fit("teacher_conformer.yaml", "teacher_conformer", 0, args.conformer_steps)
@@ -334,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "vector and CER from the shards, so their step times exclude the teacher.")}
         save()
     def run_student(run: harness.Run) -> dict[str, Any]:
-        entry = {"train": bench.fit(run.recipe, run.name, run.seed, run.steps)}
+        entry: dict[str, Any] = {"train": bench.fit(run.recipe, run.name, run.seed, run.steps)}
         start = time.perf_counter()
         entry["eval"] = bench.eval_student(run.name, subsets)
         entry["eval_seconds"] = time.perf_counter() - start

@@ -127,8 +127,9 @@ class Payoff:
         harness.xmodal(["stats", "--config", str(config), "--batches", str(self.args.stats_batches),
                         "--out", str(out), "--device", "cpu"])
         report = json.loads(out.read_text())
-        keys = {key: {"dims": s["dims"], "mean_square": s["mean_square"], "energy_in_mean": s["energy_in_mean"],
-                      **({"max_abs": s["max_abs"]} if "max_abs" in s else {})} for key, s in report["stats"].items()}
+        keys = {key: {"dims": s["dims"], "count": s["count"], "mean_square": s["mean_square"],
+                      "energy_in_mean": s["energy_in_mean"], "max_abs": max(s["max_abs"]),
+                      "std_min": min(s["std"]), "std_max": max(s["std"])} for key, s in report["stats"].items()}
         return {"batches": report["batches"], "split": report["split"], "keys": keys}
 
     def diagnose(self, normalized: bool) -> dict[str, Any]:
@@ -266,10 +267,11 @@ def stats_section(stats: Mapping[str, Any] | None) -> list[str]:
     if not stats:
         return ["Not run yet."]
     lines = [f"`xmodal stats` over {stats['batches']} {stats['split']} batches of the cached Whisper targets:", "",
-             "| key | dims | mean square | energy in the mean | max abs |", "|---|---|---|---|---|"]
+             "| key | dims | mean square per dim | energy in the mean | std per dim (min-max) | max abs |",
+             "|---|---|---|---|---|---|"]
     for key, s in stats["keys"].items():
         lines.append(f"| {key} | {s['dims']} | {_num(s['mean_square'])} | {s['energy_in_mean']:.1%} | "
-                     f"{_num(s.get('max_abs'))} |")
+                     f"{_num(s['std_min'])}-{_num(s['std_max'])} | {_num(s['max_abs'])} |")
     return lines
 
 

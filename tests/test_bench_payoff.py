@@ -6,8 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.payoff import (ALONE_METHOD, DISTILL_TERMS, TUNED_METHOD, diag_rows, printed_table, render, standardize,
-                          validate_at_end)
+from bench.payoff import (
+    ALONE_METHOD,
+    DISTILL_TERMS,
+    TUNED_METHOD,
+    diag_rows,
+    printed_table,
+    render,
+    standardize,
+    validate_at_end,
+)
 
 
 def recipe() -> dict[str, Any]:
@@ -53,7 +61,9 @@ def results(runs: dict[str, Any]) -> dict[str, Any]:
     return {
         "config": {"adapt_steps": 100, "video_size": 32, "diagnose_steps": 20, "steps": 150},
         "stats": {"batches": 10, "split": "train",
-                  "keys": {"whisper/frames": {"dims": 384, "mean_square": 1.47, "energy_in_mean": 0.27}}},
+                  "keys": {"whisper/frames": {"dims": 384, "count": 9, "mean_square": 1.47,
+                                                    "energy_in_mean": 0.27, "std_min": 0.1, "std_max": 2.0,
+                                                    "max_abs": 11.0}}},
         "diagnostics": {"raw": {"table": "t", "steps": {"0": {"libs_frame": term}}}},
         "tune": {"trials": 2, "steps": 120, "val_batches": 4, "trial_table": [
             {"number": 0, "state": "COMPLETE", "value": 0.91, "seconds": 100.0,
@@ -71,7 +81,7 @@ def run(cer: float) -> dict[str, Any]:
 def test_render_reports_every_finished_piece() -> None:
     text = render(results({f"{ALONE_METHOD}/seed0": run(0.9), f"{TUNED_METHOD}/seed0": run(0.8),
                            f"{ALONE_METHOD}/seed1": run(0.92), f"{TUNED_METHOD}/seed1": run(0.9)}))
-    assert "| whisper/frames | 384 | 1.47 | 27.0% | - |" in text
+    assert "| whisper/frames | 384 | 1.47 | 27.0% | 0.1-2 | 11 |" in text
     assert "**raw targets, step 0**" in text
     assert "| term | value | \\|g\\| encoder | \\|g\\| visual | \\|g\\| all | x task | cos task |" in text
     assert "| libs_frame | 0.5 | 0.2 | 0.1 | 0.25 | 1.5 | -0.2 |" in text

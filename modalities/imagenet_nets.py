@@ -230,6 +230,9 @@ def default_preprocess(arch: str, image_size: int = 224, resize_size: int | None
     """The preprocessing ``arch``'s ImageNet weights were trained with: (x - 127) / 128 for EfficientNet-Lite,
     ImageNet mean/std otherwise."""
     if arch == EFFICIENTNET_LITE0:
+        if image_size % 32:
+            # its 'same' padding is fixed for 224 px, which equals TF's for any multiple of 32
+            raise ValueError(f"efficientnet_lite0 needs an image_size divisible by 32, got {image_size}")
         return ImageNetPreprocess(image_size, resize_size, LITE_MEAN, LITE_STD)
     return ImageNetPreprocess(image_size, resize_size)
 

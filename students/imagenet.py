@@ -33,9 +33,9 @@ class ImageNetClassifier(nn.Module):
         sha256: str | None = None, image_size: int = 224, resize_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.preprocess = default_preprocess(arch, image_size, resize_size)
         self.net = load_pretrained(arch, weights, sha256)[0] if pretrained else ClassifierNet(arch)
         self.net.replace_head(num_classes)
-        self.preprocess = default_preprocess(arch, image_size, resize_size)
         self.output_keys: tuple[str, ...] = ("image.feat", "image.logits")
 
     def forward(self, batch: Batch) -> Outputs:

@@ -58,8 +58,8 @@ class ImageNetTeacher(nn.Module):
             self.preprocess = ImageNetPreprocess(config.image_size, config.resize_size, config.mean, config.std)
             self.weights_path = str(path)
         else:
-            self.net, self.weights_path = load_pretrained(arch, weights, sha256)
             self.preprocess = default_preprocess(arch, image_size, resize_size)
+            self.net, self.weights_path = load_pretrained(arch, weights, sha256)
         self.output_keys: tuple[str, ...] = ("image.feat", "image.logits") + (
             ("image.feature_map",) if feature_map else ()
         )
@@ -82,6 +82,6 @@ class ImageNetTeacher(nn.Module):
     def manifest(self) -> dict[str, Any]:
         return {
             "teacher": type(self).__name__, "arch": self.net.arch, "num_classes": self.net.num_classes,
-            "weights": self.weights_path, "weights_sha256": state_dict_sha256(self.net),
+            "weights_file": Path(self.weights_path).name, "weights_sha256": state_dict_sha256(self.net),
             "preprocess": self.preprocess.manifest(), "output_keys": list(self.output_keys),
         }

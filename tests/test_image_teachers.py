@@ -86,7 +86,7 @@ def test_unknown_file_needs_a_digest(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="give the expected sha256"):
         ImageNetTeacher("mobilenet_v2", weights=str(path))
     teacher = ImageNetTeacher("mobilenet_v2", weights=str(path), sha256=file_sha256(path))
-    assert teacher.manifest()["weights"] == str(path)
+    assert teacher.manifest()["weights_file"] == "mine.pth"  # the state-dict hash identifies it, not the path
 
 
 def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +150,8 @@ def test_efficientnet_lite0_preprocessing_and_size() -> None:
     pre = teacher.manifest()["preprocess"]
     assert pre["mean"] == pytest.approx([127 / 255] * 3) and pre["std"] == pytest.approx([128 / 255] * 3)
     assert sum(p.numel() for p in teacher.parameters()) == 4_652_008
+    with pytest.raises(ValueError, match="divisible by 32"):
+        ImageNetTeacher("efficientnet_lite0", image_size=100)
 
 
 # ---------------------------------------------------------------- frozen teacher, export, fine-tuning

@@ -93,6 +93,10 @@ def test_missing_package_error(tmp_path: Path) -> None:
         fashion_mnist.make(tmp_path / "out", source=tmp_path / "nowhere", progress=False)
     assert "--source DIR" in str(error.value) and "train-images-idx3-ubyte.gz" in str(error.value)
     assert not (tmp_path / "out").exists()
+    fabricate(tmp_path / "partial", {"train": 1, "t10k": 1})
+    (tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(fashion_mnist.MissingSourceError, match="partial lacks t10k-labels-idx1-ubyte.gz. Install"):
+        fashion_mnist.load_source(str(tmp_path / "partial"))
 
 
 def test_layout_and_counts(small: tuple[Path, dict]) -> None:

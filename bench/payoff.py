@@ -40,6 +40,11 @@ DISTILL_TERMS = (1, 2, 3)  # libs_full.yaml's frame, context and sequence losses
 TUNED_METHOD, ALONE_METHOD = "libs_tuned", "student_alone"
 RECIPES = {ALONE_METHOD: "student_alone.yaml", TUNED_METHOD: "libs_full.yaml"}
 WEIGHT_RANGE = (0.03, 3.0)
+TEACHER = ("adapt_steps",)
+TUNING = (*TEACHER, "video_size", "tune_trials", "tune_steps", "val_batches")
+PIECES = {"adapt": TEACHER, "cache": TEACHER, "stats": (*TEACHER, "video_size", "stats_batches"),
+          "diagnostics": (*TEACHER, "video_size", "diagnose_steps"), "tune": TUNING,
+          "runs": (*TUNING, "steps", "beam_size")}  # the settings each piece of the results depends on
 TABLE_START, TABLE_END = "xmodal gradient diagnostics at step", "flags:"
 
 
@@ -190,6 +195,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                                                  "tune_trials", "tune_steps", "val_batches", "steps", "beam_size")}
 
 
+def kept_pieces(previous: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pieces of an earlier results JSON whose settings (:data:`PIECES`) are the same as ``config``'s."""
+    return {piece: previous[piece] for piece, keys in PIECES.items()
+            if previous.get(piece) and all(previous["config"].get(key) == config[key] for key in keys)}
+
+
 def run_pieces(payoff: Payoff, results: dict[str, Any], save: Callable[[], None], test: str) -> None:
     """Every piece not in ``results`` yet, in order, saving after each."""
     args = payoff.args
@@ -234,9 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     json_path = args.out.with_suffix(".json")
     results: dict[str, Any] = {"config": settings(args), "runs": {}}
-    keep = ["stats", "diagnostics", "tune", "runs", "cache", "adapt"]
-    results.update({k: v for k, v in harness.resume(json_path, lambda previous: previous["config"] == results[
-        "config"] or args.report_only, keep).items() if v})
+    if json_path.is_file():
+        previous = json.loads(json_path.read_text())
+        results.update(previous if args.report_only else kept_pieces(previous, results["config"]))
 
     def save() -> None:
         harness.save_json(results, json_path)

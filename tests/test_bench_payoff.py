@@ -11,6 +11,7 @@ from bench.payoff import (
     DISTILL_TERMS,
     TUNED_METHOD,
     diag_rows,
+    kept_pieces,
     printed_table,
     render,
     standardize,
@@ -100,3 +101,16 @@ def test_render_never_reports_a_single_seed_as_a_gain() -> None:
 def test_render_marks_missing_pieces() -> None:
     text = render({"config": {"adapt_steps": 100, "video_size": 32, "diagnose_steps": 20, "steps": 150}})
     assert text.count("Not run yet.") == 4
+
+
+def test_kept_pieces_keep_what_the_changed_settings_do_not_touch() -> None:
+    config = {"adapt_steps": 100, "video_size": 32, "diagnose_steps": 20, "stats_batches": 10, "tune_trials": 4,
+              "tune_steps": 120, "val_batches": 4, "steps": 120, "beam_size": 1}
+    previous = {"config": config, "stats": {"s": 1}, "diagnostics": {"raw": {}}, "tune": {"t": 1}, "runs": {"r": 1},
+                "cache": {}}
+    assert kept_pieces(previous, config) == {"stats": {"s": 1}, "diagnostics": {"raw": {}}, "tune": {"t": 1},
+                                             "runs": {"r": 1}}
+    assert kept_pieces(previous, {**config, "tune_trials": 3}) == {"stats": {"s": 1}, "diagnostics": {"raw": {}}}
+    assert kept_pieces(previous, {**config, "steps": 300}) == {"stats": {"s": 1}, "diagnostics": {"raw": {}},
+                                                               "tune": {"t": 1}}
+    assert kept_pieces(previous, {**config, "adapt_steps": 600}) == {}

@@ -20,13 +20,14 @@ from xmodal.eval.base2novel import make_split, write_split
 from xmodal.eval.loops import evaluate_base2novel, evaluate_zeroshot
 from xmodal.eval.tasks import (
     Base2NovelTask,
+    ClassifyTask,
     DetectionTask,
     MissingFieldError,
     RetrievalTask,
     TranscriptTask,
     ZeroShotTask,
 )
-from xmodal.losses import BEVDetectionLoss, CharCELoss, CLIPContrastiveLoss
+from xmodal.losses import BEVDetectionLoss, CharCELoss, CLIPContrastiveLoss, HardLabelLoss
 from xmodal.modalities.bev_detector import BEVDetector
 from xmodal.modalities.transcript import cer, wer
 from xmodal.students.clip import CLIPStudent
@@ -110,6 +111,31 @@ def test_detection_in_validation() -> None:
     batch: Any = synthetic_batch(SCENES)
     logged = fit_one_step(distiller, [batch], [batch])
     assert 0.0 <= logged["val/mAP"] <= 1.0 and 0.0 <= logged["val/nds"] <= 1.0
+
+
+class LinearClassifier(torch.nn.Module):
+    """A tiny classifier student: ``image.logits`` from flattened ``image``."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(features, classes)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"image.logits": self.head(batch["image"].flatten(1))}
+
+
+def test_classification_accuracy_in_validation() -> None:
+    torch.manual_seed(0)
+    student = LinearClassifier(12, 5)
+    distiller = Distiller(student, [HardLabelLoss(student_key="image.logits")], val_metrics=[ClassifyTask(ks=(1, 3))])
+    train = {"image": torch.randn(8, 3, 2, 2), "label": torch.randint(0, 5, (8,))}
+    val = {"image": torch.randn(40, 3, 2, 2), "label": torch.randint(0, 5, (40,))}
+    logged = fit_one_step(distiller, [train], [val])
+    with torch.no_grad():
+        logits = student.eval()(val)["image.logits"]
+    ranks = (logits > logits.gather(1, val["label"][:, None])).sum(1)  # classes scored above the true one
+    assert logged["val/accuracy_top1"] == pytest.approx(float((ranks < 1).float().mean()), abs=1e-6)
+    assert logged["val/accuracy_top3"] == pytest.approx(float((ranks < 3).float().mean()), abs=1e-6)
 
 
 def test_a_task_names_the_missing_field(shapes_dir: Path, shapes_batches: list[Batch]) -> None:

@@ -17,6 +17,7 @@ task                   what it reads                                            
 :class:`DetectionTask` ``student.predict(batch)`` (decoded boxes) vs the batch's    ``val/mAP``, ``val/nds``
                        boxes
 :class:`Base2NovelTask` ``image.emb`` vs the student's classifier over all classes   ``val/base``, ``novel``, ``hm``
+:class:`ClassifyTask`  the student's logits (``image.logits``) vs ``label``        ``val/accuracy_top1``, ...
 =====================  =========================================================  ===========================
 """
 
@@ -84,6 +85,32 @@ class ZeroShotTask(nn.Module):
     def reset(self) -> None:
         self.metric.reset()
         self.classifier = None
+
+
+class ClassifyTask(nn.Module):
+    """Top-k accuracy of a classifier student's own logits against the batch's labels.
+
+    Args:
+        name: prefix of the logged keys (``<name>_top1``).
+        ks: the ``k`` values.
+        logits_key: student output with ``N x C`` logits. label_key: batch field with the class indices.
+    """
+
+    def __init__(self, name: str = "accuracy", ks: Sequence[int] = (1,), logits_key: str = "image.logits",
+                 label_key: str = "label") -> None:
+        super().__init__()
+        self.name, self.logits_key, self.label_key = name, logits_key, label_key
+        self.metric = metrics.TopKAccuracy(ks)
+
+    def update(self, student: nn.Module, outputs: Outputs, batch: Batch) -> None:
+        logits = field(outputs, self.logits_key, self.name, "student's outputs")
+        self.metric.update(logits, field(batch, self.label_key, self.name, "batch"))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {f"{self.name}_{key}": value for key, value in self.metric.compute().items()}
+
+    def reset(self) -> None:
+        self.metric.reset()
 
 
 class RetrievalTask(nn.Module):

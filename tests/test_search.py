@@ -88,14 +88,16 @@ def vit(layers: int, width: int) -> dict[str, Any]:
                                              "num_classes": 3}}
 
 
-def test_search_student_console_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    def png(i: int) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(buffer, format="PNG")
-        return buffer.getvalue()
+def png_bytes() -> bytes:
+    """A random 16 x 16 RGB image as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
 
+
+def test_search_student_console_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    samples = [{"__key__": f"{i:04d}", "png": png(i), "json": {"label": i % 3}} for i in range(12)]
+    samples = [{"__key__": f"{i:04d}", "png": png_bytes(), "json": {"label": i % 3}} for i in range(12)]
     write_shards(samples, tmp_path / "data", "train", max_count=6)
     torch.manual_seed(7)
     from torchvision.models import VisionTransformer
@@ -115,3 +117,16 @@ def test_search_student_console_verb(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "| 1 | teacher-clone |" in capsys.readouterr().out
     assert search_main(argv) == rows  # candidates are built under a fixed seed: same ranking every run
     assert all(r["score"] < 0 for r in rows[1:])
+
+
+def test_candidates_may_name_plugins_by_short_class_name(tmp_path: Path) -> None:
+    samples = [{"__key__": f"{i:04d}", "png": png_bytes(), "json": {"label": i % 3}} for i in range(8)]
+    write_shards(samples, tmp_path / "data", "train", max_count=8)
+    classifier = {"class_path": "ImageNetClassifier",  # an xmodal plug-in, known after load_plugins()
+                  "init_args": {"arch": "resnet18", "num_classes": 3, "pretrained": False, "image_size": 16,
+                                "resize_size": 16}}
+    config = {"teacher": vit(1, 16), "candidates": [{**classifier, "name": "resnet"}, {**vit(1, 16), "name": "vit"}]}
+    (tmp_path / "cands.yaml").write_text(yaml.safe_dump(config))
+    rows = search_main(["--candidates", str(tmp_path / "cands.yaml"), "--data", str(tmp_path / "data" / "train-*.tar"),
+                        "--image-size", "16", "--batch-size", "8", "--device", "cpu"])
+    assert sorted(r["name"] for r in rows) == ["resnet", "vit"]

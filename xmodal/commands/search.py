@@ -13,6 +13,7 @@ import yaml
 
 from xmodal import search
 from xmodal.contracts import count_params
+from xmodal.plugins import load_plugins
 from xmodal.search import (
     CANDIDATES_FORMAT,
     load_candidates,
@@ -42,6 +43,7 @@ def search_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     parser.add_argument("--out", default=None, help="write the ranking as JSON here")
     args = parser.parse_args(list(argv))
 
+    load_plugins()  # candidates and teacher may name xmodal's and third-party plug-ins by short class name
     path = Path(args.candidates)
     config = yaml.safe_load(path.read_text()) or {}
     teacher = load_teacher(args.teacher, config, path.parent).to(args.device)

@@ -299,13 +299,15 @@ def diagnostics_table(step: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
-def diagnostics_section(diagnostics: Mapping[str, Any] | None) -> list[str]:
+def diagnostics_section(diagnostics: Mapping[str, Any] | None, every: int) -> list[str]:
+    """The tables of the measured steps, 0 and ``every`` (the CSV log repeats the last values at the steps between)."""
     if not diagnostics:
         return ["Not run yet."]
     lines: list[str] = []
-    for name, found in diagnostics.items():
-        for step, terms in found["steps"].items():
-            lines += ["", f"**{name} targets, step {step}**", "", *diagnostics_table(terms)]
+    for step in ("0", str(every)):
+        for name, found in diagnostics.items():
+            if step in found["steps"]:
+                lines += ["", f"**{name} targets, step {step}**", "", *diagnostics_table(found["steps"][step])]
     return lines
 
 
@@ -353,7 +355,7 @@ def render(results: Mapping[str, Any]) -> str:
              f"## Gradient diagnostics of full LIBS (steps 0 and {config['diagnose_steps']})", "",
              "Values are unweighted; |g| is the norm of the gradient of weight x term per part of the student; x task "
              "is |g| all over the character loss's; cos task is the cosine with the character loss's gradient.",
-             *diagnostics_section(results.get("diagnostics")), "",
+             *diagnostics_section(results.get("diagnostics"), config["diagnose_steps"]), "",
              "## Tuning the LIBS weights on the validation split", "", *tune_section(results.get("tune")), "",
              "## Student alone vs tuned LIBS", "", *result_section(results.get("runs", {}), config["steps"])]
     return "\n".join(lines) + "\n"

@@ -65,7 +65,8 @@ def results(runs: dict[str, Any]) -> dict[str, Any]:
                   "keys": {"whisper/frames": {"dims": 384, "count": 9, "mean_square": 1.47,
                                                     "energy_in_mean": 0.27, "std_min": 0.1, "std_max": 2.0,
                                                     "max_abs": 11.0}}},
-        "diagnostics": {"raw": {"table": "t", "steps": {"0": {"libs_frame": term}}}},
+        "diagnostics": {"raw": {"table": "t", "steps": {"0": {"libs_frame": term}, "1": {"libs_frame": term},
+                                                         "20": {"libs_frame": term}}}},
         "tune": {"trials": 2, "steps": 120, "val_batches": 4, "trial_table": [
             {"number": 0, "state": "COMPLETE", "value": 0.91, "seconds": 100.0,
              "params": {"model.losses[1].init_args.weight": 0.1,
@@ -83,7 +84,8 @@ def test_render_reports_every_finished_piece() -> None:
     text = render(results({f"{ALONE_METHOD}/seed0": run(0.9), f"{TUNED_METHOD}/seed0": run(0.8),
                            f"{ALONE_METHOD}/seed1": run(0.92), f"{TUNED_METHOD}/seed1": run(0.9)}))
     assert "| whisper/frames | 384 | 1.47 | 27.0% | 0.1-2 | 11 |" in text
-    assert "**raw targets, step 0**" in text
+    assert "**raw targets, step 0**" in text and "**raw targets, step 20**" in text
+    assert "step 1**" not in text  # the CSV log's repeats between measurements
     assert "| term | value | \\|g\\| encoder | \\|g\\| visual | \\|g\\| all | x task | cos task |" in text
     assert "| libs_frame | 0.5 | 0.2 | 0.1 | 0.25 | 1.5 | -0.2 |" in text
     assert "| 0 | COMPLETE | 0.91 | 100 | none | 0.1 |" in text

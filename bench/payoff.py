@@ -355,7 +355,7 @@ def tune_section(tune: Mapping[str, Any] | None) -> list[str]:
 
 
 def result_section(runs: Mapping[str, Any], steps: int) -> list[str]:
-    cers = {method: seed_values(runs, method, "eval", "all", "cer") for method in RECIPES}
+    cers = {method: seed_values(runs, method, "eval", "all", "greedy_cer") for method in RECIPES}
     if not any(cers.values()):
         return ["Not run yet."]
     lines = [f"Test CER (%) after {steps} steps, greedy decoding:", "",

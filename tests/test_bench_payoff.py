@@ -78,7 +78,7 @@ def results(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cer: float) -> dict[str, Any]:
-    return {"eval": {"all": {"cer": cer}}}
+    return {"eval": {"all": {"greedy_cer": cer}}}
 
 
 def test_render_reports_every_finished_piece() -> None:

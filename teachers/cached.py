@@ -10,6 +10,7 @@ statistics of the cached outputs (``stats``), which :attr:`CachedTeacher.stats` 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,20 @@ class CachedTeacher(nn.Module, Teacher):
         manifest: path to the cache's ``manifest.json`` (or the folder holding it).
         teacher: the teacher the cache must come from. It is used only to compare manifests, then dropped,
             so it never runs during training. ``None`` skips the check (the manifest is still required).
+        split_manifests: manifests of caches of other splits (e.g. the val shards, cached by a separate
+            ``xmodal cache`` run). Each must describe the same teacher; their samples are then accepted too, so
+            the recipe can validate. Constants, top-k sizes and statistics come from ``manifest``.
     """
 
-    def __init__(self, manifest: str, teacher: nn.Module | None = None) -> None:
+    def __init__(self, manifest: str, teacher: nn.Module | None = None, split_manifests: Sequence[str] = ()) -> None:
         super().__init__()
-        path = Path(manifest)
-        self.manifest_path = path / MANIFEST if path.is_dir() else path
-        if not self.manifest_path.is_file():
-            raise FileNotFoundError(f"teacher cache manifest not found: {self.manifest_path}")
+        self.manifest_path = manifest_file(manifest)
         self.cache_manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        self.cache_ids = {self.cache_manifest.get("cache_id")}
+        for other in map(manifest_file, split_manifests):
+            other_manifest = json.loads(other.read_text())
+            check_manifest(other_manifest["teacher_manifest"], self.cache_manifest["teacher_manifest"], other)
+            self.cache_ids.add(other_manifest.get("cache_id"))
         if teacher is not None:
             if not isinstance(teacher, Teacher):
                 raise TypeError(f"{type(teacher).__name__} is not a Teacher: it has no manifest() to compare")
@@ -86,17 +92,27 @@ class CachedTeacher(nn.Module, Teacher):
 
     def check_cache_ids(self, ids: list[str] | None) -> None:
         """Refuse samples cached by another run of ``xmodal cache`` than the one that wrote this manifest."""
-        expected = self.cache_manifest.get("cache_id")
-        if expected is None or ids is None:  # caches written before ids existed carry none
+        if None in self.cache_ids or ids is None:  # caches written before ids existed carry none
             return
-        foreign = sorted(set(ids) - {expected})
+        foreign = sorted(set(ids) - self.cache_ids)
         if foreign:
+            expected = ", ".join(sorted(str(i) for i in self.cache_ids))
             raise CacheMismatchError(
-                f"the training shards hold teacher outputs of cache {foreign[0]}, but {self.manifest_path} describes "
-                f"cache {expected}: point model.teacher.init_args.manifest at the manifest written with these shards")
+                f"the shards hold teacher outputs of cache {foreign[0]}, but {self.manifest_path} describes cache "
+                f"{expected}: point model.teacher.init_args.manifest at the manifest written with these shards, or "
+                "name another split's manifest in split_manifests")
 
     def manifest(self) -> dict[str, Any]:
         return dict(self.cache_manifest["teacher_manifest"])
+
+
+def manifest_file(path: str | Path) -> Path:
+    """``path`` itself, or the ``manifest.json`` in it when it is a folder; it must exist."""
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"teacher cache manifest not found: {file}")
+    return file
 
 
 def check_manifest(cached: dict[str, Any], live: dict[str, Any], where: Path | str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,24 @@ def test_shards_of_one_cache_are_refused_with_another_caches_manifest(shapes_dir
     assert "image.logits" in CachedTeacher(str(tmp_path / "a"), teacher)(batch)
     with pytest.raises(CacheMismatchError, match=rf"cache {first['cache_id']}.*b/manifest.json describes"):
         CachedTeacher(str(tmp_path / "b"), teacher)(batch)
+
+
+def test_a_cache_of_another_split_is_accepted_through_split_manifests(shapes_dir: Path, tmp_path: Path) -> None:
+    from xmodal.teachers.cached import CacheMismatchError
+
+    modality, teacher = ImageModality(size=16), LogitTeacher()
+    train = cache_teacher(teacher, [modality], str(shapes_dir / "train-*.tar"), tmp_path / "train", batch_size=16)
+    val = cache_teacher(teacher, [modality], str(shapes_dir / "val-*.tar"), tmp_path / "val", batch_size=16,
+                        prefix="val")
+    batch = first_batch(str(tmp_path / "val" / "val-*.tar"), modality)
+    assert train["cache_id"] != val["cache_id"]
+    with pytest.raises(CacheMismatchError, match="split_manifests"):
+        CachedTeacher(str(tmp_path / "train"), teacher)(batch)
+    both = CachedTeacher(str(tmp_path / "train"), teacher, split_manifests=[str(tmp_path / "val")])
+    alone = CachedTeacher(str(tmp_path / "val"), teacher)
+    assert torch.equal(both(batch)["image.logits"], alone(batch)["image.logits"])
+    other = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    other["teacher_manifest"]["weights_sha256"] = "0" * 64  # a cache of another teacher
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(CacheMismatchError, match="weights_sha256"):
+        CachedTeacher(str(tmp_path / "train"), teacher, split_manifests=[str(tmp_path / "other.json")])

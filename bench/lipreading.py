@@ -98,6 +98,7 @@ class Bench:
             # the cached outputs replace the live teacher; the live one is built once to check the cache's manifest
             config["model"]["teacher"] = {"class_path": "xmodal.teachers.cached.CachedTeacher",
                                           "init_args": {"manifest": str(self.cache / "train"),
+                                                        "split_manifests": [str(self.cache / "val")],
                                                         "teacher": teacher if self.check_cache else None}}
             data["train"], data["val"] = (str(self.cache / split / f"{split}-*.tar") for split in ("train", "val"))
         if self.args.video_size:

@@ -45,7 +45,6 @@ TUNING = (*TEACHER, "video_size", "tune_trials", "tune_steps", "val_batches")
 PIECES = {"adapt": TEACHER, "cache": TEACHER, "stats": (*TEACHER, "video_size", "stats_batches"),
           "diagnostics": (*TEACHER, "video_size", "diagnose_steps"), "tune": TUNING,
           "runs": (*TUNING, "steps", "beam_size")}  # the settings each piece of the results depends on
-CACHE_ID_SUFFIX = ".teacher.cache_id.txt"  # xmodal.data.decoders.CACHE_ID_FIELD of each cached sample
 TABLE_START, TABLE_END = "xmodal gradient diagnostics at step", "flags:"
 
 
@@ -113,27 +112,6 @@ def read_csv_log(log_dir: Path) -> list[dict[str, str]]:
         return []
     with logs[-1].open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def adopt_cache_id(split: Path, manifest: Path) -> None:
-    """Relabel the cached samples of ``split`` (one ``xmodal cache`` run) with the cache id of ``manifest`` (another
-    run of the same teacher, checked by their manifests), so that one :class:`CachedTeacher` reads both splits:
-    ``bench.lipreading`` caches train and val separately and never validates, while ``xmodal tune`` must."""
-    import tarfile
-
-    cache_id = json.loads(manifest.read_text())["cache_id"].encode()
-    for shard in sorted(split.glob("*.tar")):
-        relabelled = shard.with_suffix(".relabel")
-        with tarfile.open(shard) as src, tarfile.open(relabelled, "w") as dst:
-            for member in src:
-                data = src.extractfile(member)
-                payload = cache_id if member.name.endswith(CACHE_ID_SUFFIX) else (data.read() if data else b"")
-                member.size = len(payload)
-                dst.addfile(member, io.BytesIO(payload))
-        relabelled.replace(shard)
-    split_manifest = split / "manifest.json"
-    written = json.loads(split_manifest.read_text())
-    split_manifest.write_text(json.dumps({**written, "cache_id": cache_id.decode()}, indent=1))
 
 
 class Payoff:
@@ -285,10 +263,6 @@ def main(argv: list[str] | None = None) -> None:
         if adapt is not None:
             results["adapt"] = adapt
         results["cache"] = ensure_cache(bench)
-        train_manifest = args.work / "cache" / "train" / "manifest.json"
-        if json.loads((args.work / "cache" / "val" / "manifest.json").read_text())["cache_id"] != json.loads(
-                train_manifest.read_text())["cache_id"]:
-            adopt_cache_id(args.work / "cache" / "val", train_manifest)
         save()
         test = split_test(args.data, args.work / "test_subsets")["all"]
         run_pieces(Payoff(bench, args), results, save, test)

@@ -120,6 +120,7 @@ def test_distilled_recipes_read_the_cached_teacher_and_the_student_alone_is_unto
     teacher = libs["model"]["teacher"]
     assert teacher["class_path"] == "xmodal.teachers.cached.CachedTeacher"
     assert teacher["init_args"]["manifest"] == str(tmp_path / "cache" / "train")
+    assert teacher["init_args"]["split_manifests"] == [str(tmp_path / "cache" / "val")]  # so a run may validate
     live = teacher["init_args"]["teacher"]
     assert live["class_path"].endswith("WhisperTeacher") and live["init_args"]["model"] == str(bench.adapted)
     assert libs["data"]["train"] == str(tmp_path / "cache" / "train" / "train-*.tar")

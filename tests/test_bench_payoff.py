@@ -10,7 +10,6 @@ from bench.payoff import (
     ALONE_METHOD,
     DISTILL_TERMS,
     TUNED_METHOD,
-    adopt_cache_id,
     diag_rows,
     kept_pieces,
     printed_table,
@@ -117,24 +116,3 @@ def test_kept_pieces_keep_what_the_changed_settings_do_not_touch() -> None:
     assert kept_pieces(previous, {**config, "steps": 300}) == {"stats": {"s": 1}, "diagnostics": {"raw": {}},
                                                                "tune": {"t": 1}}
     assert kept_pieces(previous, {**config, "adapt_steps": 600}) == {}
-
-
-def test_adopt_cache_id_relabels_only_the_cache_id_fields(tmp_path: Path) -> None:
-    import io
-    import json
-    import tarfile
-
-    files = {"a.json": b"{}", "a.teacher.cache_id.txt": b"old", "a.teacher.audio.frames.npy": b"\x00\x01"}
-    with tarfile.open(tmp_path / "val-000000.tar", "w") as tar:
-        for name, payload in files.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
-    (tmp_path / "manifest.json").write_text(json.dumps({"cache_id": "old", "count": 1}))
-    train = tmp_path / "train.json"
-    train.write_text(json.dumps({"cache_id": "new"}))
-    adopt_cache_id(tmp_path, train)
-    with tarfile.open(tmp_path / "val-000000.tar") as tar:
-        read = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
-    assert read == {**files, "a.teacher.cache_id.txt": b"new"}
-    assert json.loads((tmp_path / "manifest.json").read_text()) == {"cache_id": "new", "count": 1}

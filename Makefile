@@ -12,11 +12,12 @@ apt-install = $(1) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&
 	 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null 2>&1)) || \
 	echo "note: $(3)"; }
 
-# espeak-ng synthesises the lip-reading corpus and dataset-fashion-mnist holds the Fashion-MNIST images; tests that
-# need them skip when they are missing.
+# espeak-ng synthesises the lip-reading corpus, dataset-fashion-mnist holds the Fashion-MNIST images and
+# pocketsphinx-testdata five real LibriVox recordings; tests that need them skip when they are missing.
 system-deps:
 	@$(call apt-install,command -v espeak-ng >/dev/null 2>&1,espeak-ng libespeak-ng-dev,espeak-ng not installed; corpus tests will be skipped)
 	@$(call apt-install,[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ],dataset-fashion-mnist,dataset-fashion-mnist not installed; Fashion-MNIST tests will be skipped)
+	@$(call apt-install,[ -f /usr/share/pocketsphinx/test/data/librivox/transcription ],pocketsphinx-testdata,pocketsphinx-testdata not installed; real-speech tests will be skipped)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

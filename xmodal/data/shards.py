@@ -28,6 +28,9 @@ def write_shards(
     mtime: float | None = None,
     progress: str | None = None,
     total: int | None = None,
+    first_shard: int = 0,
+    replace: bool = True,
+    keep_empty: bool = False,
 ) -> list[Path]:
     """Write ``samples`` to ``out_dir/{prefix}-000000.tar``, ``{prefix}-000001.tar``, ...
 
@@ -47,9 +50,14 @@ def write_shards(
             ``None`` stores the current time, as WebDataset does.
         progress: description of a tqdm progress bar; no bar when ``None``.
         total: number of samples, for the progress bar.
+        first_shard: number of the first shard written (``{prefix}-{first_shard:06d}.tar``).
+        replace: delete the shards an earlier run left under the same prefix that this call did not write;
+            ``False`` keeps them, for callers that write a split one shard at a time (``xmodal data convert``).
+        keep_empty: when ``samples`` is empty, still write one empty (valid) shard, so that shard numbers
+            stay consecutive for a caller that writes them one at a time.
 
     Returns:
-        The shard paths in order. Empty when ``samples`` is empty.
+        The shard paths in order. Empty when ``samples`` is empty, unless ``keep_empty``.
     """
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count}")
@@ -61,7 +69,8 @@ def write_shards(
     bar = tqdm(total=total, desc=progress, unit="sample", disable=progress is None, dynamic_ncols=True)
     try:
         with bar, wds.ShardWriter(
-            pattern, maxcount=max_count, verbose=0, post=lambda name: partials.append(Path(name)), mtime=mtime
+            pattern, maxcount=max_count, verbose=0, post=lambda name: partials.append(Path(name)), mtime=mtime,
+            start_shard=first_shard,
         ) as sink:
             for sample in samples:
                 sink.write(sample)
@@ -73,12 +82,13 @@ def write_shards(
         raise
     paths: list[Path] = []
     for partial in partials:
-        if written:
+        if written or keep_empty:
             paths.append(partial.replace(partial.with_name(partial.name[1:].removesuffix(PARTIAL))))
         else:  # ShardWriter opens its first shard before any sample arrives
             partial.unlink(missing_ok=True)
-    for old in set(existing_shards(out, prefix)) - set(paths):
-        old.unlink()
+    if replace:
+        for old in set(existing_shards(out, prefix)) - set(paths):
+            old.unlink()
     return paths
 
 

@@ -23,7 +23,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -82,7 +82,7 @@ class Conversion(Generic[Job]):
     """
 
     format: str
-    splits: dict[str, Sequence[Job]]
+    splits: Mapping[str, Sequence[Job]]
     sample: Callable[[Job], Sample]
     sources: Callable[[Job], Sequence[Path]]
     options: dict[str, Any] = field(default_factory=dict)
@@ -90,10 +90,14 @@ class Conversion(Generic[Job]):
 
 
 class Converter(Protocol):
-    """A format of ``xmodal data convert``: its command-line options and how it reads a dataset folder."""
+    """A format of ``xmodal data convert``: its name, a one-line help, its command-line options and how it reads
+    a dataset folder (read-only ``name`` and ``help``: plain attributes and frozen dataclass fields both fit)."""
 
-    name: str
-    help: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def help(self) -> str: ...
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 

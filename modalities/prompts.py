@@ -30,6 +30,7 @@ from xmodal.contracts import Batch, Outputs, freeze
 from xmodal.eval.formats import read_classes
 from xmodal.modalities.image import ImageNormalize
 from xmodal.teachers.common import state_dict_sha256
+from xmodal.zoo.hub import HubMixin
 
 
 class VisualPrompts(nn.Module):
@@ -107,7 +108,7 @@ def pool_positions(tokens: Tensor, pool_type: str, eos_id: int | None) -> Tensor
     raise ValueError(f"text pool type {pool_type!r} is not supported with text prompts")
 
 
-class PromptedCLIP(nn.Module):
+class PromptedCLIP(nn.Module, HubMixin):
     """A frozen open_clip ``CLIP`` with learnable deep text and visual prompts (IVLP).
 
     Outputs ``image.emb`` (``B x D``), ``image.logits`` (``B x C_train``, against the prompted text features

@@ -14,9 +14,10 @@ from xmodal.contracts import Batch, Outputs
 from xmodal.modalities.audio import AlignmentHead, lengths_to_mask
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 from xmodal.modalities.video import VideoEncoder
+from xmodal.zoo.hub import HubMixin
 
 
-class VideoStudent(nn.Module):
+class VideoStudent(nn.Module, HubMixin):
     """:class:`~xmodal.modalities.video.VideoEncoder` + an alignment head to the teacher's width.
 
     Args:

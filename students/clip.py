@@ -22,12 +22,13 @@ from torch import Tensor, nn
 from xmodal.contracts import Batch, Outputs, check_config_keys
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD, ImageNormalize
 from xmodal.modalities.text import load_tokenizer, tokens_for, vocab_size
+from xmodal.zoo.hub import HubMixin
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
-class CLIPStudent(nn.Module):
+class CLIPStudent(nn.Module, HubMixin):
     """open_clip ``CLIP`` from config dicts; outputs ``image.emb``, ``text.emb`` (L2-normalised) and ``logit_scale``.
 
     Args:

@@ -43,6 +43,7 @@ from xmodal.modalities.audio import (
 from xmodal.modalities.blocks import conv_bn
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
 from xmodal.modalities.transcript import CharVocab, decoder_targets, identity_char_tokens, texts_to_codepoints
+from xmodal.zoo.hub import HubMixin
 
 MEL_FRAME_RATE = 100.0  # Hz: the 10 ms hop of the audio frontend's log-mel
 
@@ -170,7 +171,7 @@ class AttentionDecoder(nn.Module):
         return torch.stack(logits, 1), torch.stack(contexts, 1)
 
 
-class LipReader(nn.Module, Student):
+class LipReader(nn.Module, HubMixin, Student):
     """Seq2seq lip reader (see the module docstring).
 
     Args:

@@ -26,6 +26,7 @@ from xmodal.classvectors import load_class_vectors
 from xmodal.contracts import Batch, Outputs, freeze
 from xmodal.modalities.image import ImageNormalize
 from xmodal.modalities.prompts import VisualPrompts, image_size_of
+from xmodal.zoo.hub import HubMixin
 
 Projector = Literal["linear", "mlp", "identity"]
 
@@ -96,7 +97,7 @@ def make_projector(kind: Projector, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown projector {kind!r}; use 'linear', 'mlp' or 'identity'")
 
 
-class PromptedImageStudent(nn.Module):
+class PromptedImageStudent(nn.Module, HubMixin):
     """A frozen CLIP image tower + deep visual prompts + projector, classifying against stored class vectors.
 
     Outputs ``image.emb`` (``B x D_teacher``, L2-normalised), ``image.logits`` (``B x C``:

@@ -4,7 +4,9 @@ A checkpoint is a folder::
 
     model.safetensors   the model's state_dict (safetensors only: loading never unpickles)
     config.json         {"class_path": ..., "init_args": {...}}, as Lightning CLI writes a model
-    card.yaml           name, class_path, init_args, bundled, checkpoint, sha256, teacher, metrics, created
+    card.yaml           name, class_path, init_args, bundled, checkpoint, sha256, teacher, metrics, created,
+                        and what the run recorded of itself: recipe, data, budget, license
+    README.md           the model card for people and the Hugging Face Hub (:mod:`xmodal.zoo.card`)
     tokenizer/          files that init args point to, copied in (see below)
 
 Bundled files: every top-level string init arg that names an existing file or folder when the checkpoint is
@@ -16,8 +18,12 @@ name such as ``"ViT-B-32"``) are kept as they are; nested values (inside dicts) 
 
 Registry: names are card file stems, looked up in ``xmodal/zoo/*.yaml`` (shipped with the package) and in the
 user zoo, ``$XMODAL_ZOO_DIR`` or ``~/.cache/xmodal/zoo`` (user cards win a name clash).
-:func:`register_model` writes a copy of a checkpoint's card there with ``root`` set to the checkpoint folder.
-A card's ``root`` and ``checkpoint`` may use ``~`` and ``$VARS``.
+:func:`register_model` copies a checkpoint folder's files into the zoo's store, ``store/<card_sha256>/``, and
+writes a copy of its card beside the store with ``root`` set to that copy, so a registered model does not depend
+on the folder it came from. A card's ``root`` and ``checkpoint`` may use ``~`` and ``$VARS``; a card whose root
+folder has gone fails with "folder missing". The folder of a model on the Hugging Face Hub is named
+``hf://<owner>/<name>[@<revision>]``; it is read from the local Hugging Face cache unless the caller passes
+``download=True``.
 
 Trust: a card is data, never code. Before anything is imported or built, :func:`create_model` checks
 
@@ -53,6 +59,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xmodal.zoo.card import render_model_card
 from xmodal.zoo.moved import current_class_path
 
 if TYPE_CHECKING:
@@ -61,6 +68,9 @@ if TYPE_CHECKING:
 CARD = "card.yaml"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+README = "README.md"
+STORE = "store"
+HUB_SCHEME = "hf://"
 ZOO_DIR_ENV = "XMODAL_ZOO_DIR"
 SHIPPED_DIR = Path(__file__).resolve().parent
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -99,16 +109,26 @@ def save_pretrained(
     name: str | None = None,
     teacher: str | None = None,
     metrics: dict[str, Any] | None = None,
+    teacher_sha256: str | None = None,
+    recipe: str | list[str] | None = None,
+    data: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+    license: str | None = None,
 ) -> Path:
-    """Write ``model`` as a self-contained checkpoint folder (see the module docstring).
+    """Write ``model`` as a self-contained checkpoint folder (see the module docstring) with its ``README.md``.
 
     Args:
         model: the module to save; its class must be importable by ``class_path``.
         init_args: the constructor arguments that rebuild ``model``'s architecture (JSON-serialisable).
         out_dir: the checkpoint folder, created if needed.
         name: the card's name; defaults to the folder name.
-        teacher: what the model was distilled from, for the card.
+        teacher: what the model was distilled from, for the card; a ``local-dir:`` or plain path that exists is
+            written absolute.
         metrics: evaluation results for the card (numbers, or tensors/numpy scalars).
+        teacher_sha256: the teacher's weights digest, for the card.
+        recipe: the config file(s) of the run. data: the shards it trained (and validated) on.
+        budget: its steps, epochs, batch size... license: the licence the weights are released under.
+            These describe the run in the card and ``README.md``; what is not given reads "not recorded".
 
     Returns:
         The checkpoint folder.
@@ -133,31 +153,43 @@ def save_pretrained(
         "checkpoint": WEIGHTS,
         "sha256": sha256_file(out / WEIGHTS),
         "card_sha256": "",  # set below; placed here so the file shows it beside sha256
-        "teacher": teacher,
+        "teacher": _teacher_reference(teacher),
+        "teacher_sha256": teacher_sha256,
+        "recipe": recipe,
+        "data": _plain(data),
+        "budget": _plain(budget),
+        "license": license,
         "metrics": _plain(metrics or {}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "xmodal_version": __version__,
     }
     card["card_sha256"] = card_digest(card)
     _write_card(card, out / CARD)
+    (out / README).write_text(render_model_card(card))
     return out
 
 
-def create_model(name_or_path: str, pretrained: bool = True, **overrides: Any) -> nn.Module:
-    """Build a model from the zoo, timm-style.
+def create_model(name_or_path: str, pretrained: bool = True, download: bool = False, **overrides: Any) -> nn.Module:
+    """Build a model from the zoo, timm-style, in eval mode (``.train()`` it to fine-tune).
 
     Args:
-        name_or_path: a registered name (see :func:`list_models`), or a path to a checkpoint folder or card
-            file. An existing path wins over a name.
+        name_or_path: a registered name (see :func:`list_models`), a path to a checkpoint folder or card file, or
+            a Hugging Face repository ``hf://<owner>/<name>[@<revision>]`` holding such a folder. An existing path
+            wins over a name.
         pretrained: load the weights (after checking their sha256); ``False`` builds the architecture only.
+        download: let an ``hf://`` model download; by default it must already be in the local Hugging Face cache.
         **overrides: constructor arguments replacing the card's ``init_args`` (shallow: a dict replaces a dict).
+
+    The model keeps its card as ``zoo_card``, so that saving it again (``save_pretrained``, ``push_to_hub``)
+    keeps the run's teacher, data and metrics.
 
     Raises:
         ValueError: unknown name (the message lists the available ones), or a card without weights.
+        FileNotFoundError: a registered model's folder is gone, or an ``hf://`` model is not cached.
         UntrustedCardError: the card names a class outside the allow-list, or was changed after saving.
         ChecksumError: the weights file does not match the card's sha256.
     """
-    card, root, card_path = _locate(name_or_path)
+    card, root, card_path = _locate(name_or_path, download)
     _verify_card(card, card_path)  # over the class_path as written, before a moved one is read from its new home
     cls = _model_class(current_class_path(card["class_path"], card_path), card_path)
     weights = _verified_weights(card, root, name_or_path) if pretrained else None
@@ -169,7 +201,8 @@ def create_model(name_or_path: str, pretrained: bool = True, **overrides: Any) -
 
         device = next((p.device for p in model.parameters()), "cpu")
         load_model(model, weights, strict=True, device=str(device))
-    return model
+    model.zoo_card = {key: value for key, value in card.items() if key != "root"}  # type: ignore[assignment]
+    return model.eval()
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -184,25 +217,29 @@ def model_card(name_or_path: str) -> dict[str, Any]:
     return {**card, "root": str(root), "card_path": str(card_path)}
 
 
-def register_model(checkpoint_dir: str | Path, name: str | None = None) -> Path:
+def register_model(checkpoint_dir: str | Path, name: str | None = None, download: bool = False) -> Path:
     """Register a checkpoint folder in the user zoo, so that ``create_model(name)`` finds it.
 
-    Writes ``<user zoo>/<name>.yaml``: a copy of the folder's card whose ``root`` is the folder's absolute
-    path (so the folder must stay where it is; re-register after moving it). Re-registering a name replaces it.
-    A card with a ``card_sha256`` must match it; one without (saved by an older version) gets one, registering
-    being the user's word that the folder is trusted.
+    The folder's weights, config, cards and bundled files are copied into the zoo's store,
+    ``<user zoo>/store/<card_sha256>/`` (content-addressed: the digest covers the weights' sha256, checked after
+    the copy), and ``<user zoo>/<name>.yaml`` gets a copy of the folder's card pointing there, so the original
+    folder may move or go. Re-registering a name replaces it. A card with a ``card_sha256`` must match it; one
+    without (saved by an older version) gets one, registering being the user's word that the folder is trusted.
 
     Args:
-        checkpoint_dir: a folder written by :func:`save_pretrained`.
+        checkpoint_dir: a folder written by :func:`save_pretrained`, or ``hf://<owner>/<name>[@<revision>]``.
         name: the registry name; defaults to the card's name.
+        download: let an ``hf://`` model download; by default it must already be in the local Hugging Face cache.
 
     Returns:
         The written card file.
 
     Raises:
         UntrustedCardError: the card names a class outside the allow-list, or was changed after saving.
+        ChecksumError: the copied weights do not match the card's sha256.
     """
-    folder = Path(checkpoint_dir).expanduser().resolve()
+    source = str(checkpoint_dir)
+    folder = hub_folder(source, download) if source.startswith(HUB_SCHEME) else Path(source).expanduser().resolve()
     card = _read_card(folder / CARD)
     _check_class_path(card["class_path"], folder / CARD)
     if "card_sha256" in card:
@@ -214,10 +251,52 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None) -> Path:
         raise ValueError(f"model name {name!r}: use letters, digits and _ . + - (no path separators)")
     if not (folder / card.get("checkpoint", WEIGHTS)).is_file():
         raise FileNotFoundError(f"{folder}: no weights file {card.get('checkpoint', WEIGHTS)!r}")
-    card.update(name=name, root=str(folder))
     zoo = user_zoo_dir()
-    zoo.mkdir(parents=True, exist_ok=True)
+    stored = _store(folder, card, zoo / STORE / card["card_sha256"])
+    card.update(name=name, root=str(stored.relative_to(zoo)), source=source)
     return _write_card(card, zoo / f"{name}.yaml")
+
+
+def hub_folder(reference: str, download: bool = False) -> Path:
+    """The local snapshot folder of ``hf://<owner>/<name>[@<revision>]`` (downloaded only when ``download``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = reference.removeprefix(HUB_SCHEME).partition("@")
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{reference!r}: a Hugging Face model is hf://<owner>/<name>[@<revision>]")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{reference} is not in the local Hugging Face cache; pass download=True to fetch it"
+        ) from error
+
+
+def _store(folder: Path, card: dict[str, Any], stored: Path) -> Path:
+    """Copy the files ``card`` needs from ``folder`` into the store folder ``stored`` (kept if already there)."""
+    if stored.is_dir():
+        return stored
+    staging = stored.with_name(stored.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    names = [card.get("checkpoint", WEIGHTS), CONFIG, CARD, README,
+             *(card["init_args"][key] for key in card.get("bundled") or [])]
+    for rel in names:
+        src = folder / rel
+        if src.is_dir():
+            shutil.copytree(src, staging / rel)
+        elif src.is_file():
+            shutil.copy2(src, staging / rel)
+        elif rel != README:
+            raise FileNotFoundError(f"{folder}: {rel} is missing; its card needs it")
+    got = sha256_file(staging / card.get("checkpoint", WEIGHTS))
+    if got != card.get("sha256"):
+        shutil.rmtree(staging)
+        raise ChecksumError(f"{folder}: weights sha256 {got} differs from the card's {card.get('sha256')}")
+    staging.rename(stored)
+    return stored
 
 
 def card_digest(card: dict[str, Any]) -> str:
@@ -289,10 +368,13 @@ def _card_files() -> dict[str, Path]:
     return cards
 
 
-def _locate(name_or_path: str) -> tuple[dict[str, Any], Path, Path]:
-    """The card for a name or path, the folder its relative paths resolve against, and the card file."""
+def _locate(name_or_path: str, download: bool = False) -> tuple[dict[str, Any], Path, Path]:
+    """The card for a name, path or ``hf://`` id, the folder its relative paths resolve against, and the card file."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    registered_as = None
+    if name_or_path.startswith(HUB_SCHEME):
+        card_path = hub_folder(name_or_path, download) / CARD
+    elif path.is_dir():
         card_path = path / CARD
         if not card_path.is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no {CARD}")
@@ -306,13 +388,25 @@ def _locate(name_or_path: str) -> tuple[dict[str, Any], Path, Path]:
                 f"unknown model {name_or_path!r}; available: {available}. Names come from the package's cards and "
                 f"from {user_zoo_dir()} (${ZOO_DIR_ENV}); a path to a checkpoint folder also works."
             )
-        card_path = cards[name_or_path]
-    card_path = card_path.resolve()
+        card_path, registered_as = cards[name_or_path], name_or_path
+    # the folder is resolved, not the file: a Hugging Face snapshot's files link into its blob store
+    card_path = card_path.parent.resolve() / card_path.name
     card = _read_card(card_path)
     root = card_path.parent
     if card.get("root"):
         root = root / Path(os.path.expandvars(card["root"])).expanduser()  # an absolute root replaces the folder
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder missing: {root} (registered as {registered_as or card_path})")
     return card, root, card_path
+
+
+def _teacher_reference(teacher: str | None) -> str | None:
+    """``teacher`` with a path (plain or ``local-dir:``) that exists made absolute; other names as they are."""
+    if not teacher:
+        return teacher
+    prefix = "local-dir:" if teacher.startswith("local-dir:") else ""
+    path = Path(teacher.removeprefix(prefix)).expanduser()
+    return f"{prefix}{path.resolve()}" if path.exists() else teacher
 
 
 def _read_card(path: Path) -> dict[str, Any]:

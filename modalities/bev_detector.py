@@ -9,7 +9,9 @@ paths). Train one with ``Distiller(student=BEVDetector(...), losses=[BEVDetectio
 
 Outputs (``Hb x Wb`` = ``grid.out_size``): ``bev.feat`` (the layer named by ``feat_layer``), ``bev.heatmap``
 ``B x K x Hb x Wb`` logits, ``bev.reg`` ``B x 8 x Hb x Wb`` (dx, dy in cells, z, log w, log l, log h, sin yaw,
-cos yaw). :meth:`BEVDetector.predict` decodes boxes per sample (``boxes`` ``K x 7``, ``scores``, ``labels``).
+cos yaw), and every layer a loss may pick by name whatever ``feat_layer`` is: ``bev.pre_backbone`` (the sensors'
+BEV map on the input grid, before the backbone) and ``bev.neck`` (the backbone's output).
+:meth:`BEVDetector.predict` decodes boxes per sample (``boxes`` ``K x 7``, ``scores``, ``labels``).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class BEVDetector(nn.Module):
         top_k: most boxes :meth:`predict` keeps per sample. score_threshold: its minimum score.
     """
 
-    output_keys = ("bev.feat", "bev.heatmap", "bev.reg")
+    output_keys = ("bev.feat", "bev.heatmap", "bev.reg", "bev.pre_backbone", "bev.neck")
 
     def __init__(
         self, inputs: Inputs = "lidar", grid: BEVGrid | Mapping[str, Any] | None = None, channels: int = 64,
@@ -128,7 +130,7 @@ class BEVDetector(nn.Module):
         neck = self.backbone(encoded)
         shared, heatmap, reg = self.head(neck)
         feat = {"encoder": encoded, "neck": neck, "head": shared}[self.feat_layer]
-        return {"bev.feat": feat, "bev.heatmap": heatmap, "bev.reg": reg}
+        return {"bev.feat": feat, "bev.heatmap": heatmap, "bev.reg": reg, "bev.pre_backbone": encoded, "bev.neck": neck}
 
     @torch.no_grad()
     def predict(self, batch: Batch, top_k: int | None = None,

@@ -13,6 +13,7 @@ from xmodal.losses.bev import (
     UniDistillFeatureLoss,
     UniDistillRelationLoss,
     UniDistillResponseLoss,
+    box_gaussian_mask,
     box_keypoints,
     encode_targets,
     focal_heatmap_loss,
@@ -108,14 +109,20 @@ def test_detection_loss_by_hand() -> None:
 
 
 def test_feature_loss_by_hand_and_objects_weigh_equally() -> None:
-    # student = (column, row) maps, teacher = 0: the loss is the mean of squared keypoint coordinates, whose
-    # columns and rows are each {1.5, 2.5, 2.5, 0.5, 0.5, 2.5, 1.5, 0.5, 1.5} up to order (sum of squares 26.25)
+    # student = (column, row) maps, teacher = 0: the loss is the mean of |keypoint coordinates| (L1, the default)
+    # or of their squares, whose columns and rows are each {1.5, 2.5, 2.5, 0.5, 0.5, 2.5, 1.5, 0.5, 1.5} up to
+    # order (sum 13.5, sum of squares 26.25)
     loss = UniDistillFeatureLoss(SMALL)
     student = coordinate_maps().requires_grad_()
     value = loss(student, torch.zeros(1, 2, 4, 4), boxes_batch([UNIT_BOX]))
-    assert value.item() == pytest.approx(2 * 26.25 / 18)
+    assert value.item() == pytest.approx(2 * 13.5 / 18)
     value.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
+    squared = UniDistillFeatureLoss(SMALL, distance="mse")(coordinate_maps(), torch.zeros(1, 2, 4, 4),
+                                                           boxes_batch([UNIT_BOX]))
+    assert squared.item() == pytest.approx(2 * 26.25 / 18)
+    with pytest.raises(ValueError, match="distance"):
+        UniDistillFeatureLoss(SMALL, distance="huber")  # type: ignore[arg-type]
 
     torch.manual_seed(0)
     s, t = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
@@ -135,7 +142,7 @@ def test_feature_loss_adapter_and_channel_mismatch() -> None:
         loss.adapter.weight.copy_(torch.eye(2, 3))
         loss.adapter.bias.zero_()
     student = torch.cat([coordinate_maps(), torch.ones(1, 1, 4, 4)], 1)
-    assert loss(student, torch.zeros(1, 2, 4, 4), batch).item() == pytest.approx(2 * 26.25 / 18)
+    assert loss(student, torch.zeros(1, 2, 4, 4), batch).item() == pytest.approx(2 * 13.5 / 18)
 
 
 def test_relation_loss_by_hand() -> None:
@@ -148,10 +155,10 @@ def test_relation_loss_by_hand() -> None:
     assert value.item() == pytest.approx((36 * (1 - 1 / math.sqrt(2)) + 18) / 81, rel=1e-5)
 
 
-def test_response_loss_by_hand() -> None:
+def test_response_loss_at_keypoints_by_hand() -> None:
     # heatmaps: student p = 0.5, teacher p = 0.75 everywhere; regression: teacher channel 0 = column, the rest 0:
     # mean over 9 keypoints x 8 channels of |column| = (1.5 + 3 * 2.5 + 3 * 0.5 + 2 * 1.5) / 72 = 0.1875
-    loss = UniDistillResponseLoss(SMALL, heatmap_weight=2.0, reg_weight=0.5)
+    loss = UniDistillResponseLoss(SMALL, heatmap_weight=2.0, reg_weight=0.5, region="keypoints", teacher_temperature=1)
     teacher_reg = torch.zeros(1, 8, 4, 4)
     teacher_reg[:, 0] = coordinate_maps()[0, 0]
     s = (torch.zeros(1, 1, 4, 4), torch.zeros(1, 8, 4, 4))
@@ -160,6 +167,50 @@ def test_response_loss_by_hand() -> None:
     assert loss.last_metrics["heatmap"].item() == pytest.approx(0.25)
     assert loss.last_metrics["reg"].item() == pytest.approx(0.1875)
     assert value.item() == pytest.approx(2.0 * 0.25 + 0.5 * 0.1875)
+
+
+# 16 x 16 cells of 1 m over [-8, 8] m, two classes; metric x sits in column floor(x + 8)
+WIDE = BEVGrid(x_range=(-8, 8), y_range=(-8, 8), z_range=(-1, 3), cell=1.0, stride=1, classes=("car", "pedestrian"))
+# w = 4, l = 8 cells at overlap 0.7: r3 = (-16.8 + sqrt(16.8^2 + 4 * 2.8 * 9.6)) / 2 = 1.47 -> radius 1, sigma 0.5
+RADIUS_1 = [0.3, -0.6, 0.5, 4.0, 8.0, 1.0, 0.0]  # centre cell: column 8, row 7
+CAR = [-5.5, 4.2, 0.5, 1.9, 4.5, 1.5, 0.0]  # r3 = 0.74 -> radius 0: its centre cell (column 2, row 12) alone
+
+
+def test_gaussian_mask_peak_radius_and_overlap() -> None:
+    mask = box_gaussian_mask(boxes_batch([RADIUS_1, CAR], [], [RADIUS_1, [1.3, -0.6, 0.5, 4.0, 8.0, 1.0, 0.0]]), WIDE)
+    first = mask[0]
+    assert first[7, 8] == 1 and first[12, 2] == 1
+    assert first[7, 9].item() == pytest.approx(math.exp(-2)) and first[6, 7].item() == pytest.approx(math.exp(-4))
+    assert first[7, 10] == 0 and first[9, 8] == 0 and first[12, 3] == 0 and first[11, 2] == 0
+    assert first.sum().item() == pytest.approx(2 + 4 * math.exp(-2) + 4 * math.exp(-4), rel=1e-5)
+    assert mask[1].sum() == 0  # a sample without boxes
+    assert mask[2][7, 8] == 1 and mask[2][7, 9] == 1  # neighbouring centres: the larger value wins
+    assert mask[2][7, 10].item() == pytest.approx(math.exp(-2))
+
+
+def test_response_loss_under_the_gaussian_mask_by_hand() -> None:
+    # heatmaps: student p = 0.5 for both classes; teacher logits -5 (car) and 2 log 3 (pedestrian), softened by
+    # the temperature 2: the highest teacher probability is sigmoid(log 3) = 0.75 in every cell, so |0.5 - 0.75|.
+    # Regression: teacher channel 0 = column, the rest 0, student 0; a box at column 0 (radius 1) weighs column 0 by
+    # (1 + 2 e^-2) and column 1 by e^-2 (1 + 2 e^-2), so the masked mean column is e^-2 / (1 + e^-2), over 8 channels
+    loss = UniDistillResponseLoss(WIDE, heatmap_weight=2.0, reg_weight=3.0)
+    teacher_heat = torch.stack([torch.full((16, 16), -5.0), torch.full((16, 16), 2 * math.log(3))])[None]
+    teacher_reg = torch.zeros(1, 8, 16, 16)
+    teacher_reg[:, 0] = torch.arange(16.0)
+    student = (torch.zeros(1, 2, 16, 16, requires_grad=True), torch.zeros(1, 8, 16, 16, requires_grad=True))
+    value = loss(student, (teacher_heat, teacher_reg), boxes_batch([[-7.7, 0.5, 0.5, 4.0, 8.0, 1.0, 0.0]]))
+    reg_l1 = math.exp(-2) / (1 + math.exp(-2)) / 8
+    assert loss.last_metrics["heatmap"].item() == pytest.approx(0.25, rel=1e-5)
+    assert loss.last_metrics["reg"].item() == pytest.approx(reg_l1, rel=1e-5)
+    assert value.item() == pytest.approx(2.0 * 0.25 + 3.0 * reg_l1, rel=1e-5)
+    value.backward()
+    grad = student[1].grad
+    assert grad is not None and grad[0, :, 0, 9].abs().sum() == 0  # outside the mask: no gradient
+    assert grad[0, 0, 8, 1] < 0  # next to the centre (row 8, column 0), channel 0 is pulled up toward the teacher's 1
+    assert grad[0, 1:, 8, 1].abs().sum() == 0  # where student and teacher agree, L1 gives no gradient
+    unsoftened = UniDistillResponseLoss(WIDE, teacher_temperature=1.0)
+    unsoftened(student, (teacher_heat, teacher_reg), boxes_batch([RADIUS_1]))
+    assert unsoftened.last_metrics["heatmap"].item() == pytest.approx(0.4, rel=1e-5)  # sigmoid(2 log 3) = 0.9
 
 
 def test_batches_without_boxes_give_a_zero_that_backpropagates() -> None:

@@ -139,8 +139,10 @@ def test_detectors_follow_the_output_contract(inputs: str) -> None:
     model = BEVDetector(inputs, **TINY)
     batch = synthetic_batch(SCENES)
     out = model(batch)
-    assert set(out) == set(model.output_keys) == {"bev.feat", "bev.heatmap", "bev.reg"}
+    keys = {"bev.feat", "bev.heatmap", "bev.reg", "bev.pre_backbone", "bev.neck"}
+    assert set(out) == set(model.output_keys) == keys
     assert out["bev.feat"].shape == (2, 8, 16, 16)
+    assert out["bev.neck"] is out["bev.feat"] and out["bev.pre_backbone"].shape[-2:] == (32, 32)  # input grid
     assert out["bev.heatmap"].shape == (2, 4, 16, 16) and out["bev.reg"].shape == (2, 8, 16, 16)
     assert BEVDetector(inputs, **{**TINY, "feat_layer": "encoder"})(batch)["bev.feat"].shape == (2, 8, 32, 32)
     preds = model.predict(batch, score_threshold=0.0, top_k=5)
@@ -262,3 +264,35 @@ def test_recipe_configs_train_through_the_cli(tmp_path: Path, monkeypatch: pytes
 
     model = create_model(str(student))
     assert isinstance(model, BEVDetector) and model.inputs == "camera"
+    for term in ("feature", "relation", "response"):  # each reference term alone, one step
+        main(["fit", "--config", str(ROOT / f"configs/bev/camera_unidistill_{term}.yaml"), *fast[1:],
+              "--trainer.fast_dev_run=1"])
+
+
+# camera_exp_distill_lidar in megvii-research/CVPR2023-UniDistill: (layers, form, weight) of each distillation term
+REFERENCE_TERMS: dict[type, tuple[dict[str, Any], float]] = {
+    UniDistillFeatureLoss: ({"student_key": "bev.pre_backbone", "teacher_key": "bev.pre_backbone"}, 100.0),
+    UniDistillRelationLoss: ({"student_key": "bev.neck", "teacher_key": "bev.neck"}, 40.0),
+    UniDistillResponseLoss: ({"region": "gaussian", "teacher_temperature": 2.0, "min_overlap": 0.7}, 10.0),
+}
+
+
+@pytest.mark.parametrize("recipe", ["", "_feature", "_relation", "_response"])
+def test_lidar_to_camera_recipes_use_the_reference_terms(recipe: str) -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / f"configs/bev/camera_unidistill{recipe}.yaml").read_text())
+    classes = {cls.__name__: cls for cls in (BEVDetectionLoss, *REFERENCE_TERMS)}
+    losses = [classes[entry["class_path"]](**entry["init_args"]) for entry in config["model"]["losses"]]
+    assert isinstance(losses[0], BEVDetectionLoss) and losses[0].weight == 1.0
+    distill = losses[1:]
+    assert len(distill) == (3 if recipe == "" else 1)
+    for loss in distill:
+        fields, weight = REFERENCE_TERMS[type(loss)]
+        assert loss.weight == weight
+        for field, value in fields.items():
+            assert getattr(loss, field) == value, (type(loss).__name__, field)
+        if isinstance(loss, UniDistillFeatureLoss):
+            assert loss.distance is torch.nn.functional.l1_loss and isinstance(loss.adapter, torch.nn.Identity)
+        if isinstance(loss, UniDistillResponseLoss):
+            assert (loss.heatmap_weight, loss.reg_weight) == (1.0, 1.0)

@@ -1,25 +1,27 @@
-"""BEV detection losses: the CenterPoint task loss and UniDistill's three keypoint distillation losses.
+"""BEV detection losses: the CenterPoint task loss and UniDistill's three distillation losses.
 
 :class:`BEVDetectionLoss` is the detector's own supervised term (no teacher key): a focal loss on class heatmaps
 against Gaussians drawn at the ground-truth centres, plus L1 on the 8 regression channels at the centre cells.
 
-UniDistill (Zhou et al., CVPR 2023, arXiv:2303.15083) distils only at 9 BEV keypoints per ground-truth box (the
-centre, the 4 corners and the 4 edge midpoints, rotated by the yaw), where both maps are sampled bilinearly:
+UniDistill (Zhou et al., CVPR 2023, arXiv:2303.15083; forms as in the authors' code, megvii-research/
+CVPR2023-UniDistill) distils features at 9 BEV keypoints per ground-truth box (the centre, the 4 corners and the 4
+edge midpoints, rotated by the yaw), where both maps are sampled bilinearly, and responses around box centres:
 
-* :class:`UniDistillFeatureLoss`: squared error of the features at the keypoints;
+* :class:`UniDistillFeatureLoss`: L1 (or squared) error of the features at the keypoints;
 * :class:`UniDistillRelationLoss`: L1 between the 9 x 9 cosine-similarity matrices of an object's keypoints;
-* :class:`UniDistillResponseLoss`: L1 between the heatmap probabilities and between the regression outputs there.
+* :class:`UniDistillResponseLoss`: L1 between the heatmap probabilities and between the regression outputs, under
+  a Gaussian mask around the box centres (or, as an option, at the keypoints).
 
-Each is a mean over objects of a mean over that object's 9 keypoints, so every object weighs the same whatever its
-size. Boxes come from the batch (``boxes``, ``box_counts``, ``box_labels``); boxes whose centre lies outside the
-grid are ignored, keypoints past the border read the border cells. A batch without boxes gives a zero loss that
-is still connected to the student's graph.
+The keypoint terms are a mean over objects of a mean over that object's 9 keypoints, so every object weighs the
+same whatever its size. Boxes come from the batch (``boxes``, ``box_counts``, ``box_labels``); boxes whose centre
+lies outside the grid are ignored, keypoints past the border read the border cells. A batch without boxes gives a
+zero loss that is still connected to the student's graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,10 @@ from xmodal.losses.normalize import NormOption, target_norm
 from xmodal.modalities.bev_nets import REG_CHANNELS, BEVGrid
 
 HEAD_KEYS = ("bev.heatmap", "bev.reg")
+Distance = Literal["l1", "mse"]
+DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss}
+Region = Literal["gaussian", "keypoints"]
+PROB_EPS = 1e-4
 # (along the length axis, across it) in half-lengths and half-widths: centre, 4 corners, 4 edge midpoints
 KEYPOINT_OFFSETS = ((0, 0), (1, 1), (1, -1), (-1, -1), (-1, 1), (1, 0), (0, -1), (-1, 0), (0, 1))
 
@@ -73,28 +79,46 @@ class DetectionTargets:
     reg: Tensor
 
 
+def centre_cells(boxes: Tensor, grid: BEVGrid) -> tuple[Tensor, Tensor]:
+    """Continuous ``(col, row)`` centres of boxes ``... x >=2`` on the head's grid, and the cells holding them
+    (floored, clamped to the map)."""
+    h, w = grid.out_size
+    centre = grid.to_cells(boxes[..., :2], grid.out_cell)
+    cell = torch.floor(centre).long().clamp(min=0)
+    return centre, torch.minimum(cell, cell.new_tensor([w - 1, h - 1]))
+
+
+def gaussian_peaks(cells: Tensor, radius: Tensor, size: tuple[int, int]) -> Tensor:
+    """One Gaussian per ``(col, row)`` cell of ``cells`` ``N x 2`` on an ``H x W`` map: ``N x H x W``, exactly 1 at
+    the cell, ``sigma = (2 radius + 1) / 6``, zero outside the ``(2 radius + 1)``-cell square around it."""
+    h, w = size
+    sigma = (2 * radius + 1) / 6
+    dcol = torch.arange(w, device=cells.device)[None] - cells[:, 0, None]  # N x W
+    drow = torch.arange(h, device=cells.device)[None] - cells[:, 1, None]  # N x H
+    dist2 = (drow**2)[:, :, None] + (dcol**2)[:, None, :]  # N x H x W
+    inside = (drow.abs()[:, :, None] <= radius[:, None, None]) & (dcol.abs()[:, None, :] <= radius[:, None, None])
+    return torch.exp(-dist2 / (2 * sigma[:, None, None] ** 2)) * inside
+
+
+def box_radius(boxes: Tensor, grid: BEVGrid, min_overlap: float, min_radius: int) -> Tensor:
+    """Whole-cell Gaussian radius of each box on the head's grid (:func:`gaussian_radius` floored, at least
+    ``min_radius``)."""
+    size = boxes[..., 3:5].clamp(min=1e-3) / grid.out_cell
+    return gaussian_radius(size[..., 1], size[..., 0], min_overlap).floor().clamp(min=min_radius)
+
+
 def encode_targets(batch: Batch, grid: BEVGrid, min_overlap: float = 0.1, min_radius: int = 2) -> DetectionTargets:
     """Heatmap and regression targets on the head's grid from the batch's boxes (vectorised over all boxes)."""
     boxes, labels, mask = valid_boxes(batch, grid)
     b, m = mask.shape
     h, w = grid.out_size
-    centre = grid.to_cells(boxes[..., :2], grid.out_cell)  # (col, row), continuous
-    cell = torch.floor(centre).long().clamp(min=0)
-    cell = torch.minimum(cell, cell.new_tensor([w - 1, h - 1]))
+    centre, cell = centre_cells(boxes, grid)
     size = boxes[..., 3:6].clamp(min=1e-3)
     yaw = boxes[..., 6]
     reg = torch.cat([centre - cell, boxes[..., 2:3], size.log(), yaw.sin()[..., None], yaw.cos()[..., None]], -1)
     index = cell[..., 1] * w + cell[..., 0]
 
-    radius = gaussian_radius(size[..., 1] / grid.out_cell, size[..., 0] / grid.out_cell, min_overlap)
-    radius = radius.floor().clamp(min=min_radius)[mask]  # N
-    sigma = (2 * radius + 1) / 6
-    col, row = cell[mask][:, 0], cell[mask][:, 1]
-    dcol = torch.arange(w, device=col.device)[None] - col[:, None]  # N x W
-    drow = torch.arange(h, device=row.device)[None] - row[:, None]  # N x H
-    dist2 = (drow**2)[:, :, None] + (dcol**2)[:, None, :]  # N x H x W
-    inside = (drow.abs()[:, :, None] <= radius[:, None, None]) & (dcol.abs()[:, None, :] <= radius[:, None, None])
-    peaks = torch.exp(-dist2 / (2 * sigma[:, None, None] ** 2)) * inside
+    peaks = gaussian_peaks(cell[mask], box_radius(boxes, grid, min_overlap, min_radius)[mask], (h, w))
     k = grid.num_classes
     channel = (torch.arange(b, device=mask.device)[:, None] * k + labels.clamp(min=0))[mask]
     heatmap = boxes.new_zeros(b * k, h * w)
@@ -201,16 +225,19 @@ def _zero(*tensors: Tensor) -> Tensor:
 
 
 class UniDistillFeatureLoss(_KeypointLoss):
-    """UniDistill feature distillation: mean squared error of BEV features at the 9 keypoints of every object.
+    """UniDistill feature distillation: the distance between BEV features at the 9 keypoints of every object.
 
-    ``loss = mean_objects mean_keypoints mean_channels (A s - t)^2``, with ``A`` the identity or, when
+    ``loss = mean_objects mean_keypoints mean_channels d(A s, t)``, with ``d`` the absolute difference
+    (``distance="l1"``, UniDistill's code) or the squared one (``"mse"``), and ``A`` the identity or, when
     ``student_channels != teacher_channels``, a learned 1x1 adapter (a linear map on the sampled features, the same
     as a 1x1 conv on the map before sampling, since bilinear weights sum to 1).
 
     Args:
-        student_key, teacher_key: the BEV feature maps (``B x C x H x W``, any resolution over the same grid extent).
+        student_key, teacher_key: the BEV feature maps (``B x C x H x W``, any resolution over the same grid extent);
+            UniDistill distils the map before the BEV backbone (``bev.pre_backbone``).
         grid: the BEV grid (extent used to place the keypoints).
         student_channels, teacher_channels: set both, when they differ, to learn the adapter.
+        distance: ``"l1"`` or ``"mse"``.
         normalize: normalisation of the teacher's keypoint features (:mod:`xmodal.losses.normalize`); default
             ``"none"``, as UniDistill's code, which regresses raw BEV features.
     """
@@ -218,9 +245,12 @@ class UniDistillFeatureLoss(_KeypointLoss):
     def __init__(
         self, grid: BEVGrid | None = None, student_key: Keys = "bev.feat", teacher_key: Keys | None = None,
         student_channels: int | None = None, teacher_channels: int | None = None, weight: float = 1.0,
-        name: str | None = "unidistill_feature", normalize: NormOption = "none",
+        name: str | None = "unidistill_feature", normalize: NormOption = "none", distance: Distance = "l1",
     ) -> None:
         super().__init__(student_key, teacher_key, grid, weight, name)
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
+        self.distance = DISTANCES[distance]
         self.target_norm = target_norm(normalize, self.teacher_key)
         self.adapter: nn.Module = nn.Identity()
         if student_channels is not None and teacher_channels is not None and student_channels != teacher_channels:
@@ -235,7 +265,7 @@ class UniDistillFeatureLoss(_KeypointLoss):
         if s_pts.shape != t_pts.shape:
             raise ValueError(f"loss {self.name!r}: student features {s.shape[1]} channels vs teacher {t.shape[1]}; "
                              "set student_channels and teacher_channels to learn a 1x1 adapter")
-        return F.mse_loss(s_pts, t_pts)
+        return self.distance(s_pts, t_pts)
 
 
 def keypoint_relations(points: Tensor) -> Tensor:
@@ -266,10 +296,42 @@ class UniDistillRelationLoss(_KeypointLoss):
         return F.l1_loss(keypoint_relations(s_pts), keypoint_relations(t_pts))
 
 
+def box_gaussian_mask(batch: Batch, grid: BEVGrid, min_overlap: float = 0.7, min_radius: int = 0) -> Tensor:
+    """Class-agnostic ``B x H x W`` mask on the head's grid: a Gaussian around each real box's centre cell (see
+    :func:`gaussian_peaks`, radius from :func:`box_radius`), the maximum where they overlap, 0 away from boxes."""
+    boxes, _, valid = valid_boxes(batch, grid)
+    _, cell = centre_cells(boxes, grid)
+    peaks = gaussian_peaks(cell[valid], box_radius(boxes, grid, min_overlap, min_radius)[valid], grid.out_size)
+    sample = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+    mask = boxes.new_zeros(valid.shape[0], peaks.shape[1] * peaks.shape[2])
+    mask = mask.scatter_reduce(0, sample[:, None].expand(-1, mask.shape[1]), peaks.flatten(1), "amax")
+    return mask.view(valid.shape[0], *grid.out_size)
+
+
+def clamped_sigmoid(logits: Tensor) -> Tensor:
+    """Heatmap probabilities kept in ``[1e-4, 1 - 1e-4]``, as CenterPoint-style heads clamp them."""
+    return logits.float().sigmoid().clamp(PROB_EPS, 1 - PROB_EPS)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """``sum(values * mask) / sum(mask)`` (values and mask ``B x H x W``)."""
+    return (values * mask).sum() / mask.sum()
+
+
 class UniDistillResponseLoss(_KeypointLoss):
-    """UniDistill response distillation: at the keypoints, ``heatmap_weight * mean |sigmoid(H_s) - sigmoid(H_t)|
-    + reg_weight * mean |B_s - B_t|`` over objects, keypoints and channels (heatmaps compared as probabilities, so
-    confident logits of either sign cannot dominate). Both parts are logged (``<name>/heatmap``, ``<name>/reg``).
+    """UniDistill response distillation: ``heatmap_weight * L1(heatmaps) + reg_weight * L1(regression)`` between
+    student and teacher heads, over one of two regions. Both parts are logged (``<name>/heatmap``, ``<name>/reg``).
+
+    ``region="gaussian"`` (UniDistill's code): every cell of the head's maps, weighted by a Gaussian around each
+    ground-truth box centre (:func:`box_gaussian_mask`, built from the batch's boxes with CornerNet's radius rule at
+    ``min_overlap``, no minimum radius): ``sum(mask * d) / sum(mask)``. The heatmap ``d`` is the absolute difference
+    of the highest class probability at each cell (the student's ``sigmoid(H_s)``, the teacher's softened
+    ``sigmoid(H_t / teacher_temperature)``, both clamped to ``[1e-4, 1 - 1e-4]``); the regression ``d`` is the mean
+    over channels of ``|B_s - B_t|``.
+
+    ``region="keypoints"``: the 9 keypoints of every object (sampled as the other UniDistill losses), per class
+    probabilities and per channel, each a mean over objects, keypoints and channels. At corners and edge midpoints
+    the regression outputs are never supervised, so their teacher values are arbitrary.
 
     Reads ``[bev.heatmap, bev.reg]`` from both models (same classes and regression layout). It has no
     ``normalize``: its targets are predictions (probabilities and box parameters), not features.
@@ -278,22 +340,47 @@ class UniDistillResponseLoss(_KeypointLoss):
     def __init__(
         self, grid: BEVGrid | None = None, student_key: Keys = HEAD_KEYS, teacher_key: Keys | None = None,
         heatmap_weight: float = 1.0, reg_weight: float = 1.0, weight: float = 1.0,
-        name: str | None = "unidistill_response",
+        name: str | None = "unidistill_response", region: Region = "gaussian", teacher_temperature: float = 2.0,
+        min_overlap: float = 0.7,
     ) -> None:
         super().__init__(list(student_key), list(teacher_key) if teacher_key is not None else None, grid, weight, name)
+        if region not in ("gaussian", "keypoints"):
+            raise ValueError(f"region must be 'gaussian' or 'keypoints', got {region!r}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         self.heatmap_weight, self.reg_weight = heatmap_weight, reg_weight
+        self.region, self.teacher_temperature, self.min_overlap = region, teacher_temperature, min_overlap
         self.last_metrics: dict[str, Tensor] = {}
 
     def forward(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, Tensor], batch: Batch) -> Tensor:
         if s[1].shape[1] != REG_CHANNELS or s[0].shape[1] != t[0].shape[1]:
             raise ValueError(f"loss {self.name!r}: student and teacher heads differ: {s[0].shape[1]} vs "
                              f"{t[0].shape[1]} classes, {s[1].shape[1]} vs {t[1].shape[1]} regression channels")
-        pair = self.pair(torch.cat(s, dim=1), torch.cat(t, dim=1), batch)  # one sampling pass for both heads
-        if pair is None:
+        t = (t[0].detach() / self.teacher_temperature, t[1].detach())
+        parts = self.gaussian_parts(s, t, batch) if self.region == "gaussian" else self.keypoint_parts(s, t, batch)
+        if parts is None:
             return _zero(*s)
-        k = s[0].shape[1]
-        (s_heat, s_reg), (t_heat, t_reg) = (x.split([k, REG_CHANNELS], dim=-1) for x in pair)
-        heat_l1 = F.l1_loss(s_heat.sigmoid(), t_heat.sigmoid())
-        reg_l1 = F.l1_loss(s_reg, t_reg)
+        heat_l1, reg_l1 = parts
         self.last_metrics = {"heatmap": heat_l1.detach(), "reg": reg_l1.detach()}
         return self.heatmap_weight * heat_l1 + self.reg_weight * reg_l1
+
+    def gaussian_parts(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, Tensor],
+                       batch: Batch) -> tuple[Tensor, Tensor] | None:
+        if s[0].shape[-2:] != self.grid.out_size or t[0].shape[-2:] != self.grid.out_size:
+            raise ValueError(f"loss {self.name!r}: heads of {tuple(s[0].shape[-2:])} (student) and "
+                             f"{tuple(t[0].shape[-2:])} (teacher) cells, the grid's head has {self.grid.out_size}")
+        mask = box_gaussian_mask(batch, self.grid, self.min_overlap).to(s[0].device)
+        if not bool(mask.any()):
+            return None
+        heat = (clamped_sigmoid(s[0]).amax(1) - clamped_sigmoid(t[0]).amax(1)).abs()
+        reg = (s[1].float() - t[1].float()).abs().mean(1)
+        return masked_mean(heat, mask), masked_mean(reg, mask)
+
+    def keypoint_parts(self, s: tuple[Tensor, Tensor], t: tuple[Tensor, Tensor],
+                       batch: Batch) -> tuple[Tensor, Tensor] | None:
+        pair = self.pair(torch.cat(s, dim=1), torch.cat(t, dim=1), batch)  # one sampling pass for both heads
+        if pair is None:
+            return None
+        k = s[0].shape[1]
+        (s_heat, s_reg), (t_heat, t_reg) = (x.split([k, REG_CHANNELS], dim=-1) for x in pair)
+        return F.l1_loss(s_heat.sigmoid(), t_heat.sigmoid()), F.l1_loss(s_reg, t_reg)

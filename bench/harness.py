@@ -76,6 +76,13 @@ def write_config(config: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def scheduler_args(model: dict[str, Any]) -> dict[str, Any]:
+    """Where a recipe's ``warmup_steps`` lives: its scheduler's ``init_args`` (``scheduler: {class_path: ...}``), or
+    the model itself (the old ``scheduler: cosine`` form)."""
+    scheduler = model.get("scheduler")
+    return scheduler.setdefault("init_args", {}) if isinstance(scheduler, dict) else model
+
+
 def scale_schedule(config: dict[str, Any], steps: int) -> None:
     """Set ``max_steps`` and shrink the warm-up and MixSpeech ramp in proportion when ``steps`` is below the
     recipe's own budget (never grown: a longer run keeps the recipe's warm-up and ramp)."""
@@ -83,8 +90,9 @@ def scale_schedule(config: dict[str, Any], steps: int) -> None:
     scale = min(1.0, steps / int(trainer["max_steps"]))
     trainer["max_steps"] = steps
     trainer["val_check_interval"] = min(int(trainer.get("val_check_interval", steps)), steps)
-    model = config["model"]
-    model["warmup_steps"] = int(round(int(model.get("warmup_steps", 0)) * scale))
+    args = scheduler_args(config["model"])
+    if "warmup_steps" in args:
+        args["warmup_steps"] = int(round(int(args["warmup_steps"]) * scale))
     for callback in trainer.get("callbacks", []):
         if callback["class_path"].endswith("MixSpeechSchedule"):
             args = callback["init_args"]

@@ -96,7 +96,9 @@ class Context:
             for section, values in extra.items():
                 config[section].update(values)
         trainer = config["trainer"]
-        callbacks = [c for c in trainer.get("callbacks", []) if not c["class_path"].endswith("ExportStudent")]
+        # no logger here, so no LearningRateMonitor (it refuses a trainer without one)
+        callbacks = [c for c in trainer.get("callbacks", [])
+                     if not c["class_path"].endswith(("ExportStudent", "LearningRateMonitor"))]
         config["trainer"] = {"accelerator": "auto", "devices": 1, "max_steps": trainer["max_steps"], "logger": False,
                              "enable_checkpointing": False, "enable_progress_bar": False, "callbacks": callbacks,
                              "gradient_clip_val": trainer.get("gradient_clip_val")}
@@ -195,12 +197,12 @@ def ready_batches(dm: Any, n: int, batch_size: int | None = None) -> list[dict[s
 # ---------------------------------------------------------------- 1. framework overhead
 def plain_side(model: Any, steps: int, clip: float | None, device: str) -> Any:
     """A fresh copy of the student and losses with the Distiller's optimizer and schedule, as a plain step."""
-    from xmodal.distiller import lr_lambda, param_groups
+    from xmodal.distiller import build_scheduler, param_groups
 
     student, losses = copy.deepcopy(model.student).to(device).train(), copy.deepcopy(model.losses).to(device).train()
     holder = torch.nn.ModuleDict({"student": student, "losses": losses})
     optimizer = model.optimizer_factory(param_groups(holder, model.param_lr))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(model.scheduler, model.warmup_steps, steps))
+    scheduler = build_scheduler(model.scheduler_factory, optimizer, steps)
     teacher = model.teacher.to(device).eval() if model.teacher is not None else None
     return parts.plain_step_fn(student, teacher, list(losses), optimizer, scheduler, clip)
 

@@ -76,7 +76,8 @@ def fit(name: str, work: Path, data: Path, seed: int, steps: int,
     config["trainer"]["max_steps"] = steps
     config["trainer"]["log_every_n_steps"] = max(1, min(20, steps // 2))
     config["trainer"]["enable_progress_bar"] = False
-    config["model"]["warmup_steps"] = min(config["model"].get("warmup_steps", 0), steps // 5)
+    schedule = harness.scheduler_args(config["model"])
+    schedule["warmup_steps"] = min(schedule.get("warmup_steps", 0), steps // 5)
     if edit is not None:
         edit(config)
     path = work / "configs" / f"{name}-seed{seed}.yaml"

@@ -9,12 +9,15 @@ never trained, never put in train mode by Lightning, and never written into chec
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable as SchedulerFactory
 from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -24,6 +27,63 @@ from xmodal.contracts import Batch, ConfigKeyError, DistillLoss, Outputs, TaskMe
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay to 0 at ``total_steps``.
+
+    The multiplier of each group's base learning rate at step ``n`` is ``(n + 1) / warmup_steps`` during the
+    warm-up, then ``0.5 * (1 + cos(pi * (n - warmup_steps) / (total_steps - warmup_steps)))``, held at 0 past
+    ``total_steps``. ``decay=False`` (or no ``total_steps``) holds it at 1 after the warm-up. Left unset in a
+    config, ``total_steps`` is the trainer's ``max_steps`` (the :class:`Distiller` fills it in), so a run whose
+    budget is changed on the command line keeps its schedule's shape::
+
+        model:
+          scheduler:
+            class_path: xmodal.distiller.WarmupCosineLR
+            init_args: {warmup_steps: 100}
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
+                 decay: bool = True) -> None:
+        self.warmup_steps, self.total_steps, self.decay = warmup_steps, total_steps, decay
+        super().__init__(optimizer, lr_lambda("cosine" if decay else "constant", warmup_steps, total_steps))
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> WarmupCosineLR:
+    return WarmupCosineLR(optimizer, total_steps=total_steps)
+
+
+def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
+    """``factory(optimizer)``, passing the run's ``total_steps`` when the factory takes that keyword unset (like
+    :class:`WarmupCosineLR` and torch's ``OneCycleLR``)."""
+    # A config's class_path arrives as a functools.partial over jsonargparse's instantiator, its signature hidden
+    # but every init_arg, defaults included, among its keywords.
+    given = getattr(factory, "keywords", {})
+    takes_total = "total_steps" in given or "total_steps" in inspect.signature(factory).parameters
+    if total_steps and takes_total and given.get("total_steps") is None:
+        return factory(optimizer, total_steps=total_steps)
+    return factory(optimizer)
+
+
+class LegacySchedulerWarning(FutureWarning):
+    """A config names the schedule the old way (``scheduler: cosine`` and ``warmup_steps`` on the model)."""
+
+
+def legacy_scheduler(kind: str, warmup_steps: int) -> Callable[..., WarmupCosineLR]:
+    """The :class:`WarmupCosineLR` factory that an old ``scheduler: cosine|constant`` + ``warmup_steps`` means."""
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"unknown scheduler {kind!r}; use 'cosine' or 'constant', or a class_path")
+    warnings.warn(
+        f"model.scheduler: {kind!r} with model.warmup_steps is the old form; write scheduler: {{class_path: "
+        f"xmodal.distiller.WarmupCosineLR, init_args: {{warmup_steps: {warmup_steps}"
+        f"{', decay: false' if kind == 'constant' else ''}}}}} (the same schedule)", LegacySchedulerWarning,
+        stacklevel=3)
+
+    def factory(optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> WarmupCosineLR:
+        return WarmupCosineLR(optimizer, warmup_steps, total_steps, decay=kind == "cosine")
+
+    return factory
 
 
 class LossShapeError(ConfigKeyError):
@@ -64,9 +124,11 @@ class Distiller(L.LightningModule):
         losses: the loss terms, each with its keys, weight and name.
         teacher: a frozen teacher (live or :class:`~xmodal.teachers.cached.CachedTeacher`), or ``None``.
         optimizer: a factory ``params -> Optimizer`` (``class_path``/``init_args`` in YAML).
-        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``) or
-            ``"constant"`` (warm-up, then flat).
-        warmup_steps: linear warm-up length in optimizer steps.
+        scheduler: a factory ``optimizer -> LRScheduler`` (``class_path``/``init_args`` in YAML, as for
+            Lightning's ``--lr_scheduler``), stepped every optimizer step; a scheduler class with a ``total_steps``
+            parameter left unset gets ``trainer.max_steps``. The default is :class:`WarmupCosineLR` without warm-up.
+            The old strings ``"cosine"``/``"constant"`` (with ``warmup_steps``) still load, with a warning.
+        warmup_steps: only for the old string form of ``scheduler``: its linear warm-up length.
         log_every_step: log the training terms at every step. By default they are logged only at the steps the
             trainer writes logs (``log_every_n_steps``), and at the first and the last step: each ``self.log``
             call costs Lightning tens of microseconds, which was ~15% of a small CLIP pair's step on an H100.
@@ -91,8 +153,8 @@ class Distiller(L.LightningModule):
         losses: Sequence[DistillLoss],
         teacher: nn.Module | None = None,
         optimizer: OptimizerFactory = default_optimizer,
-        scheduler: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: int = 0,
+        scheduler: SchedulerFactory | Literal["cosine", "constant"] = default_scheduler,
+        warmup_steps: int | None = None,
         check_finite: bool = True,
         param_lr: dict[str, float] | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
@@ -108,8 +170,12 @@ class Distiller(L.LightningModule):
         self._metric_batches = 0
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose, see the module docstring
         self.optimizer_factory = optimizer
-        self.scheduler = scheduler
-        self.warmup_steps = warmup_steps
+        if isinstance(scheduler, str):
+            scheduler = legacy_scheduler(scheduler, warmup_steps or 0)
+        elif warmup_steps:
+            raise ConfigKeyError("model.warmup_steps goes with the old scheduler: cosine|constant; with a scheduler "
+                                 "class_path, give its warm-up in the scheduler's init_args")
+        self.scheduler_factory: Callable[..., Any] = scheduler
         self.check_finite = check_finite
         self.log_every_step = log_every_step
         self._epoch_batches = 0
@@ -305,8 +371,7 @@ class Distiller(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(param_groups(self, self.param_lr))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        schedule = lr_lambda(self.scheduler, self.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

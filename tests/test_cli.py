@@ -1,0 +1,44 @@
+"""The ``xmodal`` dispatcher: its help lists every verb and sub-verb, and it imports nothing heavy."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from xmodal.commands.main import LIGHTNING_VERBS, SYNOPSES, VERBS, help_text, main
+
+
+def sub_verbs(verb: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The sub-verbs a verb's own parser accepts (``{make,convert}`` in its usage line), or none."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    choices = re.search(r"\{([\w,-]+)\}", usage)
+    return choices.group(1).split(",") if choices else []
+
+
+@pytest.mark.parametrize("verb", ["data", "convert", "eval"])
+def test_help_lists_every_sub_verb(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    subs = sub_verbs(verb, capsys)
+    assert subs
+    listed = [entry.split()[:2] for entry in SYNOPSES]
+    assert all([verb, sub] in listed for sub in subs), (subs, listed)
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    text = capsys.readouterr().out
+    assert text == help_text() + "\n"
+    for verb in [*VERBS, *LIGHTNING_VERBS]:
+        assert re.search(rf"^  {re.escape(verb)}\b", text, flags=re.M), verb
+    assert "eval bev" in text
+
+
+def test_the_dispatcher_imports_neither_torch_nor_lightning() -> None:
+    code = ("import sys, xmodal.commands.main as m; m.main(['--help']); "
+            "print(sorted(n for n in ('torch', 'lightning', 'numpy') if n in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

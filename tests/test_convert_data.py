@@ -116,7 +116,7 @@ def test_an_all_skipped_shard_is_written_empty(tmp_path: Path) -> None:
 
 
 def test_formats_are_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert {"coco", "karpathy", "captions-csv"} <= set(converters())
+    assert {"coco", "karpathy", "captions-csv", "class-folders"} <= set(converters())
     with pytest.raises(SystemExit):
         main(["data", "convert", "--help"])
     assert "coco" in capsys.readouterr().out
@@ -303,12 +303,15 @@ def clip_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield tmp_path
 
 
-def fit_clip(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> None:
-    """One ``fast_dev_run`` step (and a validation batch) of the tiny CLIP recipe on the shards in ``DATA``."""
+def fit_clip(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> set[str]:
+    """One ``fast_dev_run`` step (and a validation batch) of the tiny CLIP recipe on the shards in ``DATA``; the
+    names of the metrics it logged."""
     trainers = record_fits(monkeypatch)
     main(["fit", "--config", str(CLIP_CONFIG), "--trainer.fast_dev_run=true", "--data.batch_size=2", *overrides])
     assert_one_finite_step(trainers)
-    assert "val/i2t_R@1" in trainers[0].callback_metrics
+    logged = set(trainers[0].callback_metrics)
+    assert "val/i2t_R@1" in logged
+    return logged
 
 
 def test_converted_coco_trains_the_clip_recipe(clip_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

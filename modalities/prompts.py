@@ -172,19 +172,22 @@ class PromptedCLIP(nn.Module, HubMixin):
     def n_ctx(self) -> int:
         return int(self.text_ctx.shape[0])
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """uint8 or float ``B x 3 x H x W`` -> L2-normalised ``B x D`` with the visual prompts."""
-        return F.normalize(self.visual_prompts(self.model.visual, self.normalize(images)), dim=-1)
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        """Normalised ``B x 3 x H x W`` (open_clip's ``preprocess``) -> ``B x D`` with the visual prompts."""
+        features = self.visual_prompts(self.model.visual, image)
+        return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, texts: list[str]) -> Tensor:
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Raw uint8 or float ``B x 3 x H x W`` -> L2-normalised ``B x D`` with the visual prompts."""
+        return self.encode_image(self.normalize(images), normalize=True)
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
         """``N`` prompts -> L2-normalised ``N x D``, with the learnt context inserted after the start token."""
-        device = self.text_ctx.device
-        tokens = self.tokenizer(texts).to(device)
-        return F.normalize(self.encode_tokens(tokens), dim=-1)
+        return self.encode_text(self.tokenizer(texts).to(self.text_ctx.device), normalize=True)
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
-        """``N x L`` token ids -> unnormalised ``N x D`` text features with deep text prompts."""
-        m, n = self.model, self.n_ctx
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        """``N x L`` token ids -> ``N x D`` text features with deep text prompts."""
+        tokens, m, n = text, self.model, self.n_ctx
         length = tokens.shape[1]
         pooled_at = pool_positions(tokens, m.text_pool_type, m.text_eos_id)
         if m.text_pool_type in ("argmax", "eos"):
@@ -202,17 +205,17 @@ class PromptedCLIP(nn.Module, HubMixin):
             x = block(x, attn_mask=m.attn_mask)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), pooled_at]
-        if m.text_projection is None:
-            return x
-        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
 
     def class_embeddings(self, classes: Sequence[str] | None = None) -> Tensor:
         """L2-normalised ``C x D`` prompted text features of ``classes`` (default: every class)."""
         names = self.all_classes if classes is None else list(classes)
-        return self.encode_text([self.template.format(c) for c in names])
+        return self.embed_texts([self.template.format(c) for c in names])
 
     def forward(self, batch: Batch) -> Outputs:
-        emb = self.encode_image(batch["image"])
+        emb = self.embed_images(batch["image"])
         scale = self.model.logit_scale.exp()
         classifier = self.class_embeddings([self.all_classes[i] for i in self.train_classes])
         return {"image.emb": emb, "image.logits": scale * emb @ classifier.T, "logit_scale": scale}

@@ -186,23 +186,21 @@ class MaskedCLIP(nn.Module):
     def tower_masks(self, tower: str) -> dict[str, Tensor]:
         return self.gates[tower].masks(self.training)  # type: ignore[operator]
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Gated image tower: ``B x 3 x H x W`` -> L2-normalised ``B x E``."""
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        """Gated image tower, as ``open_clip.CLIP.encode_image``: normalised ``B x 3 x H x W`` -> ``B x E``."""
         visual = self.student.model.visual
-        x = visual._embeds(self.student.normalize(images))
+        x = visual._embeds(image)
         m = self.tower_masks("vision")
         for i, block in enumerate(visual.transformer.resblocks):
             x = gated_block(block, x, None, m["layer"][i], m["mlp"][i], m["head"][i])
         pooled, _ = visual._pool(x)
-        return F.normalize(pooled @ visual.proj, dim=-1)
+        features = pooled @ visual.proj
+        return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, captions: list[str]) -> Tensor:
-        """Gated text tower, as ``open_clip.CLIP.encode_text``: ``B`` strings -> L2-normalised ``B x E``."""
-        return self.encode_tokens(self.student.tokenizer(captions))
-
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        """Gated text tower, as ``open_clip.CLIP.encode_text``: token ids ``B x L`` -> ``B x E``."""
         model = self.student.model
-        tokens = tokens.to(model.logit_scale.device)
+        tokens = text.to(model.logit_scale.device)
         x = model.token_embedding(tokens) + model.positional_embedding
         m = self.tower_masks("text")
         mask = model.attn_mask.to(x.dtype) if model.attn_mask is not None else None
@@ -210,16 +208,26 @@ class MaskedCLIP(nn.Module):
             x = gated_block(block, x, mask, m["layer"][i], m["mlp"][i], m["head"][i])
         x = open_clip.transformer.text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
                                                    eos_token_id=model.text_eos_id)
-        return F.normalize(x @ model.text_projection, dim=-1)
+        features = x @ model.text_projection
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Raw float ``B x 3 x H x W`` in [0, 1] (or uint8) -> L2-normalised ``B x E``."""
+        return self.encode_image(self.student.normalize(images), normalize=True)
+
+    def embed_texts(self, captions: list[str]) -> Tensor:
+        """``B`` strings -> L2-normalised ``B x E``."""
+        return self.encode_text(self.student.tokenizer(captions), normalize=True)
 
     def forward(self, batch: Batch) -> Outputs:
         out: Outputs = {"logit_scale": self.student.model.logit_scale.exp(),
                         "sparsity.expected": self.expected_sparsity()}
         if "image" in batch:
-            out["image.emb"] = self.encode_image(batch["image"])
+            out["image.emb"] = self.embed_images(batch["image"])
         if "caption" in batch:
-            out["text.emb"] = self.encode_tokens(tokens_for(batch, self.student.tokenizer_name, self.student.tokenizer,
-                                                            self.student.model.logit_scale.device))
+            tokens = tokens_for(batch, self.student.tokenizer_name, self.student.tokenizer,
+                                self.student.model.logit_scale.device)
+            out["text.emb"] = self.encode_text(tokens, normalize=True)
         return out
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -30,6 +30,10 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 class CLIPStudent(nn.Module, HubMixin):
     """open_clip ``CLIP`` from config dicts; outputs ``image.emb``, ``text.emb`` (L2-normalised) and ``logit_scale``.
+
+    Its methods follow open_clip's: ``encode_image(preprocess(pil).unsqueeze(0))`` and
+    ``encode_text(tokenizer(captions))``, with this model's own ``preprocess`` and ``tokenizer`` attributes.
+    :meth:`embed_images` and :meth:`embed_texts` take raw ``[0, 1]`` images and strings.
 
     Args:
         embed_dim: joint embedding size.
@@ -73,26 +77,37 @@ class CLIPStudent(nn.Module, HubMixin):
         self.tokenizer = load_tokenizer(tokenizer, text_cfg.get("context_length", 77))
         self.normalize = ImageNormalize(vision_cfg["image_size"], mean, std)
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """float ``B x 3 x H x W`` in [0, 1] (or uint8) -> L2-normalised ``B x embed_dim``."""
-        return F.normalize(self.model.encode_image(self.normalize(images)), dim=-1)
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        """open_clip's ``encode_image``: ``preprocess``-ed ``B x 3 x H x W`` (normalised) -> ``B x embed_dim``."""
+        return self.model.encode_image(image, normalize=normalize)
 
-    def encode_text(self, captions: list[str]) -> Tensor:
-        """``B`` strings -> L2-normalised ``B x embed_dim``."""
-        return self.encode_tokens(self.tokenizer(captions))
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        """open_clip's ``encode_text``: token ids from ``tokenizer`` (``B x L``) -> ``B x embed_dim``."""
+        return self.model.encode_text(text.to(self.model.logit_scale.device, non_blocking=True), normalize=normalize)
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
-        """Token ids from this model's tokenizer -> L2-normalised ``B x embed_dim``."""
-        tokens = tokens.to(self.model.logit_scale.device, non_blocking=True)
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Raw float ``B x 3 x H x W`` in [0, 1] (or uint8), resized and normalised here -> L2-normalised embeddings."""
+        return self.encode_image(self.normalize(images), normalize=True)
+
+    def embed_texts(self, captions: list[str]) -> Tensor:
+        """``B`` strings, tokenized here -> L2-normalised ``B x embed_dim``."""
+        return self.encode_text(self.tokenizer(captions), normalize=True)
+
+    @property
+    def preprocess(self) -> Callable[[Any], Tensor]:
+        """open_clip's evaluation transform for this model: a PIL image -> the normalised tensor ``encode_image``
+        takes (a resize of the shorter side and a centre crop, where :meth:`embed_images` resizes the whole image)."""
+        return open_clip.image_transform(self.normalize.size, is_train=False,
+                                         mean=tuple(self.normalize.mean.flatten().tolist()),
+                                         std=tuple(self.normalize.std.flatten().tolist()))
 
     def forward(self, batch: Batch) -> Outputs:
         out: Outputs = {"logit_scale": self.model.logit_scale.exp()}
         if "image" in batch:
-            out["image.emb"] = self.encode_image(batch["image"])
+            out["image.emb"] = self.embed_images(batch["image"])
         if "caption" in batch:
-            out["text.emb"] = self.encode_tokens(tokens_for(batch, self.tokenizer_name, self.tokenizer,
-                                                            self.model.logit_scale.device))
+            tokens = tokens_for(batch, self.tokenizer_name, self.tokenizer, self.model.logit_scale.device)
+            out["text.emb"] = self.encode_text(tokens, normalize=True)
         return out
 
     def open_clip_config(self) -> dict[str, Any]:

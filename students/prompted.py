@@ -145,16 +145,21 @@ class PromptedImageStudent(nn.Module, HubMixin):
         self.visual.eval()  # the frozen tower stays in eval mode (no dropout, fixed norms)
         return self
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """uint8 or float ``B x 3 x H x W`` -> L2-normalised ``B x D_teacher``."""
-        return F.normalize(self.projector(self.prompts(self.visual, self.normalize(images))), dim=-1)
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        """Normalised ``B x 3 x H x W`` (open_clip's ``preprocess`` of the student CLIP) -> ``B x D_teacher``."""
+        features = self.projector(self.prompts(self.visual, image))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Raw uint8 or float ``B x 3 x H x W`` -> L2-normalised ``B x D_teacher``."""
+        return self.encode_image(self.normalize(images), normalize=True)
 
     def classify(self, images: Tensor) -> Tensor:
         """``B x C`` logits against every stored class vector: inference with the student alone."""
-        return self.logit_scale * self.encode_image(images) @ self.class_vectors.T
+        return self.logit_scale * self.embed_images(images) @ self.class_vectors.T
 
     def forward(self, batch: Batch) -> Outputs:
-        emb = self.encode_image(batch["image"])
+        emb = self.embed_images(batch["image"])
         vectors = self.class_vectors if self.logit_classes is None else self.class_vectors[self.logit_classes]
         return {"image.emb": emb, "image.logits": self.logit_scale * emb @ vectors.T, "logit_scale": self.logit_scale}
 

@@ -73,7 +73,7 @@ class PromptedCLIPTeacher(nn.Module, Teacher):
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> Outputs:
-        emb = self.prompted.encode_image(batch["image"])
+        emb = self.prompted.embed_images(batch["image"])
         scale = torch.tensor(self.logit_scale, device=emb.device)
         return {"image.emb": emb, "image.logits": scale * emb @ self.class_vectors.T, "logit_scale": scale}
 

@@ -27,12 +27,12 @@ NAMES = list(PALETTE)
 class Oracle(nn.Module):
     """Embeds a solid-colour image and any text naming a palette colour as that colour's one-hot vector."""
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def embed_images(self, images: Tensor) -> Tensor:
         pixels = images.float() / (255.0 if images.dtype == torch.uint8 else 1.0)
         colours = torch.tensor(list(PALETTE.values()), dtype=torch.float) / 255
         return F.one_hot(torch.cdist(pixels.mean((2, 3)), colours).argmin(1), len(PALETTE)).float()
 
-    def encode_text(self, texts: list[str]) -> Tensor:
+    def embed_texts(self, texts: list[str]) -> Tensor:
         by_length = sorted(NAMES, key=len, reverse=True)  # "dark yellow" before any shorter name it contains
         idx = [NAMES.index(next(n for n in by_length if n in t.lower())) for t in texts]
         return F.one_hot(torch.tensor(idx), len(PALETTE)).float()

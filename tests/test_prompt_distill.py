@@ -102,9 +102,9 @@ def test_stage2_teacher_uses_stored_vectors_and_never_runs_text(ws: Workspace, m
     def no_text(*args: object) -> None:
         raise AssertionError("the stage-2 teacher recomputed text features")
 
-    monkeypatch.setattr(teacher.prompted, "encode_tokens", no_text)
+    monkeypatch.setattr(teacher.prompted, "encode_text", no_text)
     out = teacher(LabelGuard(batch))
-    emb = teacher.prompted.encode_image(batch["image"])
+    emb = teacher.prompted.embed_images(batch["image"])
     torch.testing.assert_close(out["image.logits"], teacher.logit_scale * emb @ expected.T, atol=1e-5, rtol=1e-5)
     assert out["image.logits"].shape == (8, 48) and not out["image.logits"].requires_grad
     assert teacher.manifest()["prompts_sha256"] == teacher.prompted.prompts_sha256()

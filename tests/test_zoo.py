@@ -66,7 +66,7 @@ def outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     assert isinstance(model, CLIPStudent)
     model.eval()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    return model.encode_image(images), model.encode_text(TEXTS)
+    return model.embed_images(images), model.embed_texts(TEXTS)
 
 
 def test_round_trip_by_name_and_by_path_after_moving(tmp_path: Path, zoo_dir: Path) -> None:

@@ -30,25 +30,33 @@ from xmodal.losses.weighting import LogitsFn, TGeoKDLoss, tgeo_meta_step
 
 
 class ExportStudent(L.Callback):
-    """At the end of ``fit``, write the student as a zoo checkpoint folder (safetensors + config + card).
+    """At the end of ``fit``, write the student as a zoo checkpoint folder (safetensors + config + cards).
 
-    This is the clear way to get the student out of a run: ``xmodal.create_model("<out_dir>")`` loads it, and
-    ``xmodal.register_model("<out_dir>", name=...)`` makes it loadable by name. The student must expose
-    ``init_args`` (its constructor arguments).
+    This is the clear way to get the student out of a run: ``xmodal.create_model("<out_dir>")`` (or the student
+    class's ``from_pretrained``) loads it, ``xmodal.register_model("<out_dir>", name=...)`` makes it loadable by
+    name, and the student's ``push_to_hub`` shares it. The student must expose ``init_args`` (its constructor
+    arguments). The card and ``README.md`` record what the run knows of itself (:func:`run_facts`): the recipe
+    file(s), the teacher, the data, the budget and the trainer's last logged metrics, with ``license``.
 
     Args:
         out_dir: checkpoint folder to write.
         name: model name written into the card (defaults to the folder name).
-        teacher: free-text teacher reference recorded in the card.
-        open_clip: also write ``open_clip_config.json`` + ``open_clip_model.safetensors`` (CLIP students only), so
-            ``open_clip.create_model("local-dir:<out_dir>")`` loads it too.
+        teacher: what the student was distilled from, for the card (a path is written absolute); by default the
+            run's teacher module describes itself (its ``manifest()``).
+        open_clip: also write ``open_clip_config.json`` + ``open_clip_model.safetensors`` (and the tokenizer's
+            files), so ``open_clip.create_model_and_transforms("local-dir:<out_dir>")`` loads it too. ``None``
+            (default): whenever the student can (it has ``open_clip_config``, as CLIP students do).
+        license: the licence the weights are released under (a Hugging Face licence id such as ``apache-2.0``);
+            it depends on the teacher's and the data's terms, so the card says "not recorded" unless it is given.
     """
 
-    def __init__(self, out_dir: str, name: str | None = None, teacher: str | None = None, open_clip: bool = False):
+    def __init__(self, out_dir: str, name: str | None = None, teacher: str | None = None,
+                 open_clip: bool | None = None, license: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.name = name or self.out_dir.name
         self.teacher = teacher
         self.open_clip = open_clip
+        self.license = license
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -58,14 +66,52 @@ class ExportStudent(L.Callback):
         init_args = getattr(student, "init_args", None)
         if init_args is None:
             raise TypeError(f"{type(student).__name__} has no init_args; ExportStudent cannot rebuild it")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        open_clip = self.open_clip if self.open_clip is not None else hasattr(student, "open_clip_config")
+        if open_clip and not hasattr(student, "open_clip_config"):
+            raise TypeError(f"{type(student).__name__} has no open_clip_config; it cannot be exported for open_clip")
+        metrics: dict[str, float | int] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["global_step"] = trainer.global_step
-        save_pretrained(student, init_args, self.out_dir, name=self.name, teacher=self.teacher, metrics=metrics)
-        if self.open_clip:
+        save_pretrained(student, init_args, self.out_dir, name=self.name, metrics=metrics, license=self.license,
+                        **run_facts(trainer, pl_module, self.teacher))
+        if open_clip:
             from xmodal.students.clip import save_open_clip_dir
 
             save_open_clip_dir(student, self.out_dir)
         rank_zero_info(f"student exported to {self.out_dir}")
+
+
+def run_facts(trainer: L.Trainer, pl_module: L.LightningModule, teacher: str | None = None) -> dict[str, Any]:
+    """What a finished run knows of itself, for a model card: recipe, teacher, data and budget.
+
+    ``recipe``: the ``--config`` files of ``xmodal fit`` (as given; ``None`` outside the CLI). ``teacher``: the
+    given reference, else the teacher's ``manifest()`` ``model_name``/``checkpoint``/``teacher`` entry;
+    ``teacher_sha256``: the manifest's ``weights_sha256``. ``data``: the data module's non-empty shard patterns.
+    ``budget``: optimizer steps and epochs done, the step/epoch limits that were set, batch size, gradient
+    accumulation and the number of processes.
+    """
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    saved = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)  # type: ignore[attr-defined]
+    files = saved.config.get("config") if saved is not None else None
+    describe_teacher = getattr(getattr(pl_module, "teacher", None), "manifest", None)
+    manifest: dict[str, Any] = describe_teacher() if callable(describe_teacher) else {}
+    described = next((manifest[key] for key in ("model_name", "checkpoint", "teacher") if manifest.get(key)), None)
+    datamodule = getattr(trainer, "datamodule", None)
+    shards = getattr(datamodule, "shards", None) or {}
+    budget: dict[str, Any] = {"steps": trainer.global_step, "epochs": trainer.current_epoch}
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        budget["max_steps"] = trainer.max_steps
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        budget["max_epochs"] = trainer.max_epochs
+    budget.update(batch_size=getattr(datamodule, "batch_size", None),
+                  accumulate_grad_batches=trainer.accumulate_grad_batches, processes=trainer.world_size)
+    return {
+        "recipe": [str(f) for f in files] if files else None,
+        "teacher": teacher or (str(described) if described is not None else None),
+        "teacher_sha256": manifest.get("weights_sha256"),
+        "data": {split: pattern for split, pattern in shards.items() if pattern} or None,
+        "budget": {key: value for key, value in budget.items() if value is not None},
+    }
 
 
 class ZeroShotProbe(L.Callback):
@@ -74,7 +120,7 @@ class ZeroShotProbe(L.Callback):
     The learning curve this gives answers "how many steps until the student reaches accuracy X" (TinyCLIP's
     training-speed claim). Each point is logged as ``probe/zeroshot_top1`` and kept in :attr:`history`; with
     ``out_json`` the history is also written as ``[{"step": ..., "zeroshot_top1": ...}, ...]`` after every probe.
-    The student must have ``encode_image`` and ``encode_text`` (CLIP students, masked students).
+    The student must have ``embed_images`` and ``embed_texts`` (CLIP students, masked students).
 
     Args:
         shards: WebDataset pattern of the probe set (``png``/``jpg`` + json ``label``).

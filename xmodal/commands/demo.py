@@ -73,14 +73,14 @@ def config_digest(path: Path) -> str:
 
 
 def ms_per_image(model: CLIPStudent, image_size: int, batch: int = 64, repeats: int = 10) -> float:
-    """Median CPU milliseconds per image of ``encode_image`` on a uint8 batch (threads as configured)."""
+    """Median CPU milliseconds per image of ``embed_images`` on a uint8 batch (threads as configured)."""
     model = model.cpu().eval()
     images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 2):
             start = time.perf_counter()
-            model.encode_image(images)
+            model.embed_images(images)
             if i >= 2:
                 times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times) / batch

@@ -45,8 +45,8 @@ def run_base2novel(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             classifier = load_class_vectors(args.class_vectors, classes=split.classes).vectors
     except (FileNotFoundError, ValueError, ImportError, ChecksumError, KeyError) as error:
         parser.error(str(error))
-    if not hasattr(model, "encode_image"):
-        parser.error(f"--model {args.model}: {type(model).__name__} has no encode_image")
+    if not hasattr(model, "embed_images"):
+        parser.error(f"--model {args.model}: {type(model).__name__} has no embed_images")
     image_size = args.image_size or model_image_size(parser, cast(Any, model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -33,8 +33,8 @@ def load_model(parser: argparse.ArgumentParser, name_or_path: str) -> DualEncode
         model = create_model(name_or_path)
     except (FileNotFoundError, ValueError, ImportError, ChecksumError) as error:
         parser.error(f"--model {name_or_path}: {error}")
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        parser.error(f"--model {name_or_path}: {type(model).__name__} has no encode_image/encode_text")
+    if not (hasattr(model, "embed_images") and hasattr(model, "embed_texts")):
+        parser.error(f"--model {name_or_path}: {type(model).__name__} has no embed_images/embed_texts")
     return cast(DualEncoder, model)
 
 

@@ -95,7 +95,7 @@ def classifier_of(model: Any, split: ClassSplit, templates: Sequence[Template] =
     1. its stored class vectors (``model.class_vectors``, a prompted student or the stage-2 teacher; the class
        list must equal the split's);
     2. its own prompted class features (``model.class_embeddings(classes)``, a stage-1 :class:`PromptedCLIP`);
-    3. zero-shot prompt-ensembled text embeddings (a plain CLIP with ``encode_text``).
+    3. zero-shot prompt-ensembled text embeddings (a plain CLIP with ``embed_texts``).
     """
     vectors = getattr(model, "class_vectors", None)
     if isinstance(vectors, Tensor):

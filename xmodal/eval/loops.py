@@ -4,9 +4,9 @@
 ===========================  ==================================  =========================================
 loop                         model                               metric (:mod:`xmodal.eval.metrics`)
 ===========================  ==================================  =========================================
-:func:`evaluate_zeroshot`    ``encode_image``, ``encode_text``   :class:`~xmodal.eval.metrics.TopKAccuracy`
-:func:`evaluate_retrieval`   ``encode_image``, ``encode_text``   :class:`~xmodal.eval.metrics.RetrievalRecall`
-:func:`evaluate_base2novel`  ``encode_image`` and a classifier   :class:`~xmodal.eval.metrics.Base2NovelAccuracy`
+:func:`evaluate_zeroshot`    ``embed_images``, ``embed_texts``   :class:`~xmodal.eval.metrics.TopKAccuracy`
+:func:`evaluate_retrieval`   ``embed_images``, ``embed_texts``   :class:`~xmodal.eval.metrics.RetrievalRecall`
+:func:`evaluate_base2novel`  ``embed_images`` and a classifier   :class:`~xmodal.eval.metrics.Base2NovelAccuracy`
 :func:`evaluate_asr`         ``transcribe(batch, beam_size)``    ``TranscriptCER``, ``TranscriptWER``
 :func:`evaluate_bev`         ``predict(batch)`` (decoded boxes)  :class:`~xmodal.eval.metrics.DetectionMAP`
 ===========================  ==================================  =========================================
@@ -64,7 +64,7 @@ def evaluate_zeroshot(
     """Zero-shot top-k accuracy of ``model`` on a labelled image loader.
 
     Args:
-        model: has ``encode_image`` and ``encode_text``; put in eval mode for the run, then restored.
+        model: has ``embed_images`` and ``embed_texts``; put in eval mode for the run, then restored.
         loader: yields dicts with ``image`` (uint8 or float ``B x 3 x H x W``) and ``label`` (``B`` class indices).
         classnames: the ``C`` class names, in label order.
         templates: prompt templates, ensembled per class.
@@ -78,7 +78,7 @@ def evaluate_zeroshot(
     with evaluating(model, device) as dev:
         classifier = class_embeddings(model, classnames, templates).to(dev)
         for batch in tqdm(loader, desc="zero-shot", disable=None):
-            image_emb = model.encode_image(batch["image"].to(dev, non_blocking=True))
+            image_emb = model.embed_images(batch["image"].to(dev, non_blocking=True))
             metric.update(cosine_logits(image_emb, classifier), batch["label"].to(dev, non_blocking=True))
     return {**plain(metric.compute()), "n": int(metric.total)}
 
@@ -96,7 +96,7 @@ def evaluate_zeroshot_folder(
     """Zero-shot top-1/top-5 accuracy on an ImageNet-style folder (see :mod:`xmodal.data.eval_sets`).
 
     Args:
-        model: has ``encode_image`` and ``encode_text``.
+        model: has ``embed_images`` and ``embed_texts``.
         root: the folder of class folders.
         templates: prompt templates with a ``{}`` placeholder.
         image_size: side images are decoded to (the model resizes again to its own input size).
@@ -130,7 +130,7 @@ def evaluate_retrieval(
     broken against the model; image->text is a hit when any of the image's captions is.
 
     Args:
-        model: has ``encode_image`` and ``encode_text``; put in eval mode for the run, then restored.
+        model: has ``embed_images`` and ``embed_texts``; put in eval mode for the run, then restored.
         loader: yields dicts with ``image`` (uint8 or float ``B x 3 x H x W``) and ``caption`` (``B`` strings).
         device: where to run (the model is moved there); ``None`` keeps the model where it is.
         ks: the ``k`` values.
@@ -145,8 +145,8 @@ def evaluate_retrieval(
     n = 0
     with evaluating(model, device) as dev:
         for batch in tqdm(loader, desc="retrieval", disable=None):
-            image_emb = model.encode_image(batch["image"].to(dev, non_blocking=True)).float()
-            text_emb = model.encode_text(list(batch["caption"])).float().to(dev)
+            image_emb = model.embed_images(batch["image"].to(dev, non_blocking=True)).float()
+            text_emb = model.embed_texts(list(batch["caption"])).float().to(dev)
             metric.update(image_emb, text_emb, captions=list(batch["caption"]) if identical_captions_match else None)
             n += image_emb.shape[0]
     return {**plain(metric.compute()), "n_images": n, "n_texts": n}
@@ -167,7 +167,7 @@ def evaluate_retrieval_json(
     """Retrieval recall@k on a COCO/Flickr caption file, with all of each image's captions.
 
     Args:
-        model: has ``encode_image`` and ``encode_text``; put in eval mode for the run, then restored.
+        model: has ``embed_images`` and ``embed_texts``; put in eval mode for the run, then restored.
         captions_json: a Karpathy-split or COCO-annotations JSON (:func:`~xmodal.data.eval_sets.load_captions`).
         image_root: the folder that image paths in the JSON are relative to.
         image_size: side images are decoded to (the model resizes again to its own input size).
@@ -189,7 +189,7 @@ def evaluate_retrieval_json(
     metric = metrics.RetrievalRecall(ks)
     with evaluating(model, device) as dev:
         batches = tqdm(loader, desc="retrieval images", disable=None)
-        image_emb = torch.cat([model.encode_image(b["image"].to(dev, non_blocking=True)).float() for b in batches])
+        image_emb = torch.cat([model.embed_images(b["image"].to(dev, non_blocking=True)).float() for b in batches])
         text_emb = encode_texts(model, captions, batch_size).to(dev)
         # one update: an image's captions may be encoded in another batch than the image
         metric.update(image_emb, text_emb, text_to_image.to(dev))
@@ -207,7 +207,7 @@ def evaluate_base2novel(
     """Base / novel / HM top-1 accuracy of ``model`` on a labelled image loader (:mod:`xmodal.eval.base2novel`).
 
     Args:
-        model: has ``encode_image(images) -> B x D``; the classifier comes from
+        model: has ``embed_images(images) -> B x D``; the classifier comes from
             :func:`~xmodal.eval.base2novel.classifier_of` unless given.
         loader: yields ``image`` (``B x 3 x H x W``) and ``label`` (``B``, indices into ``split.classes``).
         split: the class split.
@@ -223,7 +223,7 @@ def evaluate_base2novel(
         weights = classifier if classifier is not None else classifier_of(model, split, templates)
         weights = F.normalize(weights.float().to(dev), dim=-1)
         for batch in loader:
-            image_emb = model.encode_image(batch["image"].to(dev, non_blocking=True))
+            image_emb = model.embed_images(batch["image"].to(dev, non_blocking=True))
             metric.update(cosine_logits(image_emb, weights), batch["label"].to(dev))
     if metric.update_count == 0:
         raise ValueError("the evaluation loader yielded no batch")

@@ -53,7 +53,7 @@ class ZeroShotTask(nn.Module):
     """Zero-shot top-k accuracy: the student's image embeddings against its own prompt-ensembled class texts.
 
     The class embeddings are computed once per validation epoch (at its first batch) with the student's
-    ``encode_text``, as :func:`~xmodal.eval.loops.evaluate_zeroshot` does.
+    ``embed_texts``, as :func:`~xmodal.eval.loops.evaluate_zeroshot` does.
 
     Args:
         classes: a ``classes.json`` (``classes`` in label order, optional ``templates``), as corpora write it.

@@ -3,7 +3,8 @@
 The loop over a loader is :func:`xmodal.eval.loops.evaluate_zeroshot`; the metric is
 :class:`xmodal.eval.metrics.TopKAccuracy`.
 
-Models need ``encode_image(images) -> B x D`` and ``encode_text(list[str]) -> B x D`` (as
+Models need ``embed_images(images) -> B x D`` (raw ``[0, 1]`` or uint8 images) and
+``embed_texts(list[str]) -> B x D`` (as
 :class:`xmodal.students.clip.CLIPStudent` has). Embeddings are L2-normalised here again, so any such model works.
 
 Ties: a sample counts as correct at ``k`` when fewer than ``k`` *wrong* classes score at least as high as the
@@ -28,9 +29,9 @@ Template = str | Callable[[str], str]
 class DualEncoder(Protocol):
     """What evaluation needs of a model (an ``nn.Module`` is put in eval mode and moved; anything else is not)."""
 
-    def encode_image(self, images: Tensor) -> Tensor: ...
+    def embed_images(self, images: Tensor) -> Tensor: ...
 
-    def encode_text(self, texts: list[str]) -> Tensor: ...
+    def embed_texts(self, texts: list[str]) -> Tensor: ...
 
 
 SIMPLE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -91,7 +92,7 @@ def evaluating(model: DualEncoder, device: str | torch.device | None = None) -> 
 
 def encode_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256) -> Tensor:
     """L2-normalised text embeddings, ``len(texts) x D``, computed ``batch_size`` at a time."""
-    chunks = [model.encode_text(list(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    chunks = [model.embed_texts(list(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
     return F.normalize(torch.cat(chunks).float(), dim=-1)
 
 
@@ -107,7 +108,7 @@ def class_embeddings(
     """The zero-shot classifier: per class, the mean of its L2-normalised prompt embeddings, re-normalised.
 
     Args:
-        model: has ``encode_text(list[str]) -> B x D``.
+        model: has ``embed_texts(list[str]) -> B x D``.
         classnames: ``C`` class names.
         templates: ``T`` prompts with a ``{}`` placeholder (``"a photo of a {}."``), or callables.
         batch_size: prompts encoded per call.

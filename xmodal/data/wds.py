@@ -335,6 +335,12 @@ class WdsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
+    def setup(self, stage: str) -> None:
+        # No val split: fit runs no validation loop, where the empty loader list would have Lightning set one up and
+        # warn "Total length of `list` across ranks is zero" on every run.
+        if stage == "fit" and self.shards["val"] is None and self.trainer is not None:
+            self.trainer.limit_val_batches = 0
+
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.shards["val"] is None else self._loader("val")
 

@@ -116,7 +116,7 @@ def test_an_all_skipped_shard_is_written_empty(tmp_path: Path) -> None:
 
 
 def test_formats_are_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert {"coco", "karpathy", "captions-csv", "class-folders"} <= set(converters())
+    assert {"coco", "karpathy", "captions-csv", "class-folders", "librispeech"} <= set(converters())
     with pytest.raises(SystemExit):
         main(["data", "convert", "--help"])
     assert "coco" in capsys.readouterr().out

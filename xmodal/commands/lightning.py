@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from xmodal.callbacks import DEFAULT_DIAGNOSE_EVERY, GradientDiagnostics
@@ -19,6 +20,56 @@ from xmodal.distiller import ConfigKeyError, Distiller
 from xmodal.plugins import load_plugins
 
 DESCRIPTION = "Lightning's training verbs over an xmodal recipe; `xmodal --help` lists every verb."
+
+
+class StepBudgetRichBar(RichProgressBar):
+    """Lightning's rich bar for a run budgeted in steps: optimizer steps out of ``max_steps``, where the stock bar
+    counts each epoch's batches under the title ``Epoch 0/-2`` (``max_epochs: -1``)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{f'Step (epoch {current_epoch})':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class StepBudgetTQDMBar(TQDMProgressBar):
+    """Lightning's tqdm bar for a run budgeted in steps (see :class:`StepBudgetRichBar`)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps
+
+    def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Step (epoch {trainer.current_epoch})")
+        self.train_progress_bar.n = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._should_update(trainer.global_step, self.train_progress_bar.total):
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.refresh()
+
+
+def count_steps_in_progress_bar(trainer: Any) -> None:
+    """Swap Lightning's default bar for its step-counting subclass when the run is budgeted in steps."""
+    steps_bar = {RichProgressBar: StepBudgetRichBar, TQDMProgressBar: StepBudgetTQDMBar}
+    for i, callback in enumerate(trainer.callbacks):
+        if trainer.max_steps > 0 and type(callback) in steps_bar:  # a stock bar (the default), not a subclass
+            trainer.callbacks[i] = steps_bar[type(callback)]()
 
 
 class XmodalCLI(LightningCLI):
@@ -42,6 +93,7 @@ class XmodalCLI(LightningCLI):
         from xmodal.checkpoint import SafeCheckpointIO
 
         trainer = super().instantiate_trainer(**kwargs)
+        count_steps_in_progress_bar(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         every = self._get(self.config_init, "diagnose")

@@ -42,3 +42,11 @@ def test_the_dispatcher_imports_neither_torch_nor_lightning() -> None:
             "print(sorted(n for n in ('torch', 'lightning', 'numpy') if n in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_asr_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is not installed
+    with pytest.raises(SystemExit, match=r"matplotlib.*pip install 'xmodal\[plots\]'") as exit_info:
+        main(["eval", "asr", "--config", str(tmp_path / "recipe.yaml"), "--list", str(tmp_path / "test.txt"),
+              "--plot", str(tmp_path / "plots")])
+    assert "\n" not in str(exit_info.value.code)

@@ -100,6 +100,8 @@ def run_asr(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
         parser.error("--plot needs --config (the alignment module and the teacher live in the recipe)")
     if args.beam_size < 1 or args.batch_size < 1:
         parser.error("--beam-size and --batch-size must be >= 1")
+    if args.plot:
+        require_matplotlib("--plot")
     from xmodal.data.wds import CountedBatches
 
     model, distiller = load_asr_model(parser, args)
@@ -120,6 +122,15 @@ def run_asr(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
     print(format_asr_table(results))
     emit_results(results, args.out)
     return results
+
+
+def require_matplotlib(option: str) -> None:
+    """Exit with one line naming the extra when matplotlib, which only ``option`` needs, is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"xmodal eval asr: {option} draws with matplotlib, which is not installed; it comes with the "
+                         "'plots' extra: pip install 'xmodal[plots]'") from None
 
 
 def write_alignment_plot(distiller: nn.Module | None, args: argparse.Namespace, device: torch.device) -> Path:

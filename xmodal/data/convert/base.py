@@ -120,6 +120,16 @@ def read_json(path: Path) -> Any:
         raise ConvertError(f"{path}: not valid JSON ({error})") from error
 
 
+def read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """``(line number, stripped line)`` of the non-blank lines of a text file (``what`` it is, for the error);
+    :class:`ConvertError` naming it when it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConvertError(f"{path}: cannot read the {what} ({error})") from error
+    return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+
+
 @dataclass
 class _Skips:
     reasons: Counter[str] = field(default_factory=Counter)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.convert.base import Conversion, ConvertError, Sample, read_json, sample_key
+from xmodal.data.convert.base import Conversion, ConvertError, Sample, read_json, read_lines, sample_key
 from xmodal.data.convert.images import is_image_file, read_image
 
 SPLITS = ("train", "val", "test")
@@ -74,17 +74,13 @@ def read_class_names(path: Path) -> dict[str, str]:
         if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
             raise ConvertError(f"{path}: expected a JSON object of class folder -> class name")
         return {str(k): v.strip() for k, v in names.items()}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConvertError(f"{path}: cannot read the class names file ({error})") from error
     names = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    for number, line in read_lines(path, "class names file"):
+        if line.startswith("#"):
             continue
-        parts = line.strip().split(maxsplit=1)
+        parts = line.split(maxsplit=1)
         if len(parts) != 2:
-            raise ConvertError(f"{path}:{number}: expected '<class folder> <class name>', got {line.strip()!r}")
+            raise ConvertError(f"{path}:{number}: expected '<class folder> <class name>', got {line!r}")
         names[parts[0]] = parts[1].strip()
     return names
 

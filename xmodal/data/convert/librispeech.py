@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from xmodal.data.convert.base import Conversion, ConvertError, Sample, SkipSample
+from xmodal.data.convert.base import Conversion, ConvertError, Sample, SkipSample, read_lines
 from xmodal.modalities.transcript import normalize_transcript
 
 SAMPLE_RATE = 16000
@@ -101,19 +101,13 @@ def _encoded(mono: np.ndarray, source_rate: int, sample_rate: int) -> bytes:
 def read_transcripts(path: Path, speaker: str, chapter: str) -> dict[str, str]:
     """Utterance id -> transcript from a ``.trans.txt`` file; :class:`ConvertError` naming the file and line
     when a line is not ``<speaker>-<chapter>-<utterance> <TEXT>`` for this chapter."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConvertError(f"{path}: cannot read the transcript file ({error})") from error
     texts = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in read_lines(path, "transcript file"):
         parts = line.split(maxsplit=1)
         match = UTTERANCE_ID.fullmatch(parts[0])
         if len(parts) != 2 or match is None or match.group(1, 2) != (speaker, chapter):
             raise ConvertError(f"{path}:{number}: expected '{speaker}-{chapter}-<utterance> <TRANSCRIPT>', "
-                               f"got {line.strip()[:80]!r}")
+                               f"got {line[:80]!r}")
         texts[parts[0]] = parts[1].strip()
     return texts
 

@@ -86,7 +86,7 @@ def run_facts(trainer: L.Trainer, pl_module: L.LightningModule, teacher: str | N
     ``recipe``: the ``--config`` files of ``xmodal fit`` (as given; ``None`` outside the CLI). ``teacher``: the
     given reference, else the teacher's ``manifest()`` ``model_name``/``checkpoint``/``teacher`` entry;
     ``teacher_sha256``: the manifest's ``weights_sha256``. ``data``: the data module's non-empty shard patterns.
-    ``budget``: optimizer steps and epochs done, the step/epoch limits that were set, batch size, gradient
+    ``budget``: optimizer steps done, the step/epoch limits that were set, batch size (per process), gradient
     accumulation and the number of processes.
     """
     from lightning.pytorch.cli import SaveConfigCallback
@@ -98,7 +98,7 @@ def run_facts(trainer: L.Trainer, pl_module: L.LightningModule, teacher: str | N
     described = next((manifest[key] for key in ("model_name", "checkpoint", "teacher") if manifest.get(key)), None)
     datamodule = getattr(trainer, "datamodule", None)
     shards = getattr(datamodule, "shards", None) or {}
-    budget: dict[str, Any] = {"steps": trainer.global_step, "epochs": trainer.current_epoch}
+    budget: dict[str, Any] = {"steps": trainer.global_step}
     if trainer.max_steps is not None and trainer.max_steps >= 0:
         budget["max_steps"] = trainer.max_steps
     if trainer.max_epochs is not None and trainer.max_epochs >= 0:

@@ -3,6 +3,8 @@
     python -m bench.bev                                  # 3 seeds, 2000 steps each (the recipes' budget)
     python -m bench.bev --rows camera_alone unidistill_all --seeds 0 --steps 300 --teacher-steps 300
     python -m bench.bev --smoke                          # tiny corpus in a temp dir, 3 steps: a pipeline check
+    python -m bench.bev --rows camera_alone unidistill_feature unidistill_relation unidistill_response unidistill_all
+                                                         # LiDAR -> camera only: each term alone, all three, none
 
 Rows (``ROWS``; every student of a seed distils from the teacher trained with that seed):
 

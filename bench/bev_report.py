@@ -176,3 +176,68 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown(results))
     return path
+
+
+# --- gradient diagnostics (bench/bev_diagnostics.py) --------------------------------------------------------------
+
+DIAG_TERMS = ("unidistill_feature", "unidistill_relation", "unidistill_response")
+DIAG_RECIPES = ("earlier", "reference")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def diagnostics_table(results: Mapping[str, Any], step: str) -> list[str]:
+    """One row per distillation term: its weight, and its ratio to the detection gradient and cosine with it at
+    ``step``, earlier recipe vs the reference one."""
+    recipes = results["recipes"]
+    lines = [f"Step {step}: |g| of weight × term on the whole student, over the detection loss's |g|; cos: with "
+             "the detection loss's gradient.", "",
+             "| term | weight (earlier) | × detection (earlier) | cos (earlier) | weight (reference) "
+             "| × detection (reference) | cos (reference) |", "|---|---|---|---|---|---|---|"]
+    for term in ("detection", *DIAG_TERMS):
+        cells = []
+        for recipe in DIAG_RECIPES:
+            stats = recipes.get(recipe, {}).get("diagnostics", {}).get(step, {}).get(term, {})
+            weight = recipes.get(recipe, {}).get("weights", {}).get(term)
+            ratio = stats.get("ratio") if term != "detection" else stats.get("grad_all")
+            cells += [_fmt(weight), _fmt(ratio), _fmt(stats.get("cos_task"), 2) if term != "detection" else "–"]
+        label = "detection (its own \\|g\\|)" if term == "detection" else term
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def diagnostics_markdown(results: Mapping[str, Any]) -> str:
+    config, recipes = results["config"], results["recipes"]
+    steps = sorted({s for r in recipes.values() for s in r.get("diagnostics", {})}, key=int)
+    lines = ["# BEV UniDistill: gradient diagnostics, earlier recipe vs the reference one", "",
+             f"LiDAR -> camera (`configs/bev/camera_unidistill.yaml`). Corpus: bev-scenes, {config['scenes']} training "
+             f"scenes (`{config['data']}`); LiDAR teacher trained {config['teacher_steps']} steps; each student "
+             f"{config['steps']} steps from the same seed, measured every {config['every']} steps on the training "
+             "batch. *earlier*: the losses before issue 23 (MSE features on the neck, relation on the neck, response "
+             "at the 9 keypoints, all ×1); *reference*: UniDistill's `camera_exp_distill_lidar` (L1 features on the "
+             "pre-backbone map ×100, relation on the neck ×40, Gaussian-masked response ×10).", ""]
+    for step in steps:
+        lines += [*diagnostics_table(results, step), ""]
+    lines += ["## Seconds per training step (CPU)", "", "| recipe | median s/step | steps | command |",
+              "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(r.get('median_step_s'))} | {r.get('steps')} | `{r.get('command')}` |"
+              for name, r in recipes.items()]
+    if results.get("teacher_median_step_s") is not None:
+        lines.append(f"| LiDAR teacher (training) | {_fmt(results['teacher_median_step_s'])} | "
+                     f"{config['teacher_steps']} | `xmodal fit` of `lidar_teacher.yaml` |")
+    machine = results.get("machine", {})
+    load = machine.get("load_average")
+    lines += ["", f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count', '?')} CPUs shared with other "
+              f"jobs (load average {_fmt(load[0] if load else None)} at the start), so the step times are an upper "
+              "bound for an idle machine; the diagnosed steps are left out of the median.", "",
+              "Produced by `python -m bench.bev_diagnostics` "
+              f"(`--teacher-steps {config['teacher_steps']} --steps {config['steps']} --every {config['every']}`)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_diagnostics_report(results: Mapping[str, Any], out: Path) -> Path:
+    path = out.with_suffix(".md")
+    path.write_text(diagnostics_markdown(results))
+    return path

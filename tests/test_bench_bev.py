@@ -91,3 +91,39 @@ def test_report_compares_fusion_to_lidar_only_at_equal_budgets() -> None:
     assert "mAP: a gain of 2.50 points, within the paper's 2.0-3.2" in text
     text = markdown({"config": {**config, "teacher_steps": 20}, "runs": RUNS})
     assert "| fusion -> LiDAR (all three) | lidar | 1 | 52.0 ± 0.0 | 56.0 ± 0.0 | – | – | – | – | – | – |" in text
+
+
+def test_diagnostics_recipes_and_their_table(tmp_path: Path) -> None:
+    import argparse
+
+    import bench.bev_diagnostics as diag
+    from bench.bev_report import diagnostics_markdown
+
+    (tmp_path / "meta.json").write_text(json.dumps({"image_size": [48, 80]}))
+    args = argparse.Namespace(data=tmp_path, work=tmp_path / "work", steps=21)
+    earlier = diag.recipe_config("earlier", args, tmp_path / "teacher")
+    reference = diag.recipe_config("reference", args, tmp_path / "teacher")
+    grid = reference["model"]["student"]["init_args"]["grid"]
+    assert [loss["class_path"] for loss in earlier["model"]["losses"]] == [
+        "BEVDetectionLoss", "UniDistillFeatureLoss", "UniDistillRelationLoss", "UniDistillResponseLoss"]
+    assert all(loss["init_args"]["grid"] == grid for loss in earlier["model"]["losses"])
+    assert earlier["model"]["losses"][3]["init_args"]["region"] == "keypoints"
+    assert [loss["init_args"].get("weight") for loss in reference["model"]["losses"][1:]] == [100.0, 40.0, 10.0]
+    assert reference["model"]["teacher"]["init_args"]["model"] == str(tmp_path / "teacher")
+    assert reference["data"]["modalities"][0]["init_args"]["image_size"] == [48, 80]
+
+    log = tmp_path / "metrics.csv"  # the logger repeats step 0's measurement on step 1's row: only 0 and 20 count
+    log.write_text("step,train/loss,diag/detection/grad_all,diag/unidistill_feature/ratio,diag/unidistill_feature/cos_task\n"
+                   "0,3.0,2.0,0.5,0.1\n1,2.9,2.0,0.5,0.1\n2,2.8,,,\n20,2.0,4.0,0.25,-0.2\n")
+    measured = diag.read_diagnostics(log, every=20)
+    assert measured == {"0": {"detection": {"grad_all": 2.0}, "unidistill_feature": {"ratio": 0.5, "cos_task": 0.1}},
+                        "20": {"detection": {"grad_all": 4.0},
+                               "unidistill_feature": {"ratio": 0.25, "cos_task": -0.2}}}
+    results = {"config": {"data": "d", "scenes": 8, "teacher_steps": 2, "steps": 21, "every": 20}, "machine": {},
+               "recipes": {"earlier": {"weights": {"detection": 1.0, "unidistill_feature": 1.0},
+                                       "diagnostics": measured, "median_step_s": 1.5, "steps": 21, "command": "c"},
+                           "reference": {"weights": {"detection": 1.0, "unidistill_feature": 100.0},
+                                         "diagnostics": {}, "median_step_s": 2.0, "steps": 21, "command": "c"}}}
+    report = diagnostics_markdown(results)
+    assert "| unidistill_feature | 1 | 0.5 | 0.1 | 100 | – | – |" in report
+    assert "| unidistill_feature | 1 | 0.25 | -0.2 |" in report and "| earlier | 1.5 | 21 | `c` |" in report

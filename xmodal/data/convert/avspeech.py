@@ -269,7 +269,7 @@ def _audio_track(video: Path) -> np.ndarray | None:
     return np.concatenate(chunks).astype(np.float32) if chunks else None
 
 
-def read_lines(path: Path, what: str) -> list[str]:
+def read_clip_text(path: Path, what: str) -> list[str]:
     """The lines of a clip's text file; :class:`SkipSample` ``missing <what>`` or ``malformed <what>`` (not UTF-8)."""
     try:
         return path.read_text(encoding="utf-8").splitlines()

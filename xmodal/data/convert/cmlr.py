@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.data.convert import avspeech
-from xmodal.data.convert.base import Conversion, ConvertError, SkipSample
+from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, read_lines
 
 SPLITS = ("train", "val", "test")
 LANGUAGE = "zh"
@@ -31,7 +31,7 @@ def read_sentence(path: Path) -> str:
     Raises:
         SkipSample: a missing, empty or undecodable file.
     """
-    sentence = next((line.strip() for line in avspeech.read_lines(path, "transcript") if line.strip()), "")
+    sentence = next((line.strip() for line in avspeech.read_clip_text(path, "transcript") if line.strip()), "")
     if not sentence:
         raise SkipSample(path, "malformed transcript")
     return sentence
@@ -49,9 +49,9 @@ def read_list(path: Path) -> list[str]:
         ConvertError: a line whose first field is not ``speaker/date/clip`` (a first line without ``/`` is a header).
     """
     ids = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in read_lines(path, "split list"):
         first = line.split(",")[0].strip()
-        if not first or (number == 1 and "/" not in first):
+        if number == 1 and "/" not in first:
             continue
         parts = first.split("/")
         if len(parts) != 3 or not all(parts):

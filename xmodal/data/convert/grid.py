@@ -36,7 +36,7 @@ def read_alignment(path: Path) -> list[tuple[str, float, float]]:
     Raises:
         SkipSample: a missing file, or a line that is not ``start end word``.
     """
-    lines = avspeech.read_lines(path, "alignment")
+    lines = avspeech.read_clip_text(path, "alignment")
     words = []
     for line in lines:
         fields = line.split()

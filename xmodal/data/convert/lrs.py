@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.data.convert import avspeech
-from xmodal.data.convert.base import Conversion, ConvertError, SkipSample
+from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, read_lines
 
 LIST_SPLITS = ("pretrain", "train", "val", "test")
 FOLDER_SPLITS = ("pretrain", "trainval", "test")
@@ -36,7 +36,7 @@ def read_transcript(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
     Raises:
         SkipSample: a missing file, or one whose first line is not ``Text: ...`` or whose timings are malformed.
     """
-    lines = avspeech.read_lines(path, "transcript")
+    lines = avspeech.read_clip_text(path, "transcript")
     if not lines or not lines[0].startswith("Text:"):
         raise SkipSample(path, "malformed transcript")
     words: list[tuple[str, float, float]] = []
@@ -65,10 +65,8 @@ def read_split_list(path: Path) -> list[str]:
         ConvertError: a line whose first field is not ``<video>/<clip>``.
     """
     ids = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in read_lines(path, "split list"):
         fields = line.split()
-        if not fields:
-            continue
         parts = fields[0].split("/")
         if len(parts) != 2 or not all(parts) or len(fields) > 2:
             raise ConvertError(f"{path}:{number}: expected '<video>/<clip>' and an optional flag, got {line!r}")

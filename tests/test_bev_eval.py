@@ -221,6 +221,26 @@ def test_render_draws_gt_predictions_and_points(tmp_path: Path) -> None:
     assert tuple(image[150, 150]) != BACKGROUND  # the LiDAR point at (-5, -5)
 
 
+def test_render_labels_boxes_with_class_and_score_and_has_a_legend(tmp_path: Path) -> None:
+    def render(name: str, classes: list[str], score: float) -> np.ndarray:
+        pred = dets([box(-5, 5)], scores=[score])  # box columns 40-60, rows 130-170; its label above
+        path = render_bev(None, None, pred, (-10, -10, 10, 10), tmp_path / name, pixels_per_metre=10,
+                          classes=classes)
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    car, truck = render("a.png", ["car"], 0.9), render("b.png", ["truck"], 0.9)
+    car_lower = render("c.png", ["car"], 0.5)
+    label = (slice(110, 130), slice(60, 140))
+    reddish = np.abs(car[label].astype(int) - PRED_COLOUR).sum(axis=-1) < 90  # anti-aliased text in the box's colour
+    assert reddish.any()
+    assert not np.array_equal(car[label], truck[label]) and not np.array_equal(car[label], car_lower[label])
+    outside = np.ones(car.shape[:2], bool)
+    outside[label] = False
+    assert np.array_equal(car[outside], truck[outside])  # only the label changes with the class
+    legend = car[:30, :20]
+    assert (legend == GT_COLOUR).all(axis=-1).any() and (legend == PRED_COLOUR).all(axis=-1).any()
+
+
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 SCENES = [

@@ -1,8 +1,8 @@
 """Pictures of evaluation: BEV detection scenes from above (PNG) and lip-reading video->audio alignment heat maps.
 
 * :func:`render_bev` draws one BEV sample: LiDAR points coloured by height and intensity, ground-truth boxes in
-  green, predictions in red with a heading tick; :class:`BEVRenders` renders the first samples of an evaluation
-  (``xmodal eval bev --render N``).
+  green with their class, predictions in red with a heading tick, their class and score, and a legend of these
+  colours; :class:`BEVRenders` renders the first samples of an evaluation (``xmodal eval bev --render N``).
 * :func:`alignment_maps` takes, for the first utterances, the learned video-frame -> audio-frame attention of a
   recipe's :class:`~xmodal.losses.libs.LIBSFrameLoss`; :func:`plot_alignments` draws them as heat maps with the
   linear-time diagonal overlaid (``xmodal eval asr --plot``).
@@ -28,6 +28,7 @@ DEFAULT_GRID_RANGE: tuple[float, float, float, float] = (-32.0, -32.0, 32.0, 32.
 GT_COLOUR = (60, 220, 90)
 PRED_COLOUR = (255, 70, 50)
 RING_COLOUR = (70, 70, 84)
+TEXT_COLOUR = (230, 230, 230)
 BACKGROUND = (16, 16, 22)
 # height colour ramp for points: ground blue -> cyan -> yellow -> red at 3 m
 HEIGHT_STOPS = np.array([-0.5, 0.5, 1.5, 3.0])
@@ -53,9 +54,28 @@ def point_colours(points: np.ndarray) -> np.ndarray:
     return (rgb * (0.45 + 0.55 * intensity)[:, None]).astype(np.uint8)
 
 
+def draw_legend(draw: ImageDraw.ImageDraw, score_threshold: float) -> None:
+    """Top left: what the box colours mean, and the points' height colour ramp."""
+    x, y = 6, 6
+    entries = ((GT_COLOUR, "ground truth: class"), (PRED_COLOUR, f"prediction: class score (>= {score_threshold:g})"))
+    for colour, text in entries:
+        draw.rectangle([x, y + 2, x + 9, y + 9], outline=colour, width=2)
+        draw.text((x + 14, y), text, fill=TEXT_COLOUR)
+        y += 13
+    for i, z in enumerate(np.linspace(HEIGHT_STOPS[0], HEIGHT_STOPS[-1], 40)):
+        shade = tuple(int(np.interp(z, HEIGHT_STOPS, HEIGHT_COLOURS[:, c])) for c in range(3))
+        draw.line([(x + i, y + 2), (x + i, y + 9)], fill=shade)
+    draw.text((x + 46, y), f"points: height {HEIGHT_STOPS[0]:g} to {HEIGHT_STOPS[-1]:g} m", fill=TEXT_COLOUR)
+
+
+def class_name(label: int, classes: Sequence[str] | None) -> str:
+    return classes[label] if classes is not None and 0 <= label < len(classes) else f"class {label}"
+
+
 def render_bev(
     points: Any, gt: Detections | None, pred: Detections | None, grid_range: Sequence[float], path: str | Path,
     *, score_threshold: float = 0.3, pixels_per_metre: float = 8.0, ring_step: float = 10.0,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Draw one sample from above as a PNG: x (forward) points up, y (left) points left, the ego at the origin.
 
@@ -68,6 +88,7 @@ def render_bev(
         path: the PNG to write.
         pixels_per_metre: scale; the image is ``(y_max - y_min) * ppm`` wide and ``(x_max - x_min) * ppm`` high.
         ring_step: metres between range rings (and the length of the scale bar).
+        classes: class names in label order, written beside each box (``class <label>`` without them).
     """
     if len(grid_range) not in (4, 6):
         raise ValueError(f"grid_range needs 4 or 6 numbers, got {list(grid_range)}")
@@ -101,21 +122,29 @@ def render_bev(
         if det is None or not len(det["boxes"]):
             continue
         boxes = box_array(det["boxes"])
-        scores = as_array(det["scores"]).reshape(-1) if "scores" in det else np.ones(len(boxes))
-        for box in boxes[scores >= score_threshold] if tick else boxes:
+        scores = as_array(det["scores"]).reshape(-1) if "scores" in det else None
+        labels = as_array(det["labels"]).reshape(-1).astype(np.int64) if "labels" in det else np.zeros(len(boxes), int)
+        for i, box in enumerate(boxes):
+            if tick and scores is not None and scores[i] < score_threshold:
+                continue
             corners = pixel(bev_corners(box))
             draw.polygon([tuple(c) for c in corners], outline=colour, width=2)
             if tick:
                 front = corners[:2].mean(axis=0)
                 draw.line([tuple(pixel(box[:2])), tuple(front)], fill=colour, width=2)
+            text = class_name(int(labels[i]), classes) + (f" {scores[i]:.2f}" if tick and scores is not None else "")
+            # predictions labelled above their box, ground truth below its box, so a matched pair shows both
+            row = float(corners[:, 1].min()) - 11 if tick else float(corners[:, 1].max()) + 1
+            draw.text((float(corners[:, 0].max()) + 2, row), text, fill=colour)
 
     # the ego: a white triangle pointing forward (+x, up)
     size = max(3.0, 1.2 * ppm)
     draw.polygon([(ego[0], ego[1] - size), (ego[0] - size / 2, ego[1] + size / 2),
                   (ego[0] + size / 2, ego[1] + size / 2)], fill=(255, 255, 255))
     bar = ring_step * ppm
-    draw.line([(8, height - 10), (8 + bar, height - 10)], fill=(230, 230, 230), width=2)
-    draw.text((8, height - 24), f"{ring_step:g} m", fill=(230, 230, 230))
+    draw.line([(8, height - 10), (8 + bar, height - 10)], fill=TEXT_COLOUR, width=2)
+    draw.text((8, height - 24), f"{ring_step:g} m", fill=TEXT_COLOUR)
+    draw_legend(draw, score_threshold)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
@@ -135,9 +164,9 @@ class BEVRenders:
     """
 
     def __init__(self, count: int, folder: str | Path, grid_range: Sequence[float] = DEFAULT_GRID_RANGE,
-                 score_threshold: float = 0.3) -> None:
+                 score_threshold: float = 0.3, classes: Sequence[str] | None = None) -> None:
         self.count, self.folder = count, Path(folder)
-        self.grid_range, self.score_threshold = grid_range, score_threshold
+        self.grid_range, self.score_threshold, self.classes = grid_range, score_threshold, classes
         self.paths: list[str] = []
 
     def __call__(self, batch: Batch, preds: Sequence[Detections], truths: Sequence[Detections],
@@ -147,7 +176,7 @@ class BEVRenders:
                 return
             points = batch["lidar"][i, : int(batch["lidar_counts"][i])] if "lidar" in batch else None
             path = render_bev(points, gt, pred, self.grid_range, self.folder / render_name(tokens[i]),
-                              score_threshold=self.score_threshold)
+                              score_threshold=self.score_threshold, classes=self.classes)
             self.paths.append(str(path))
 
 

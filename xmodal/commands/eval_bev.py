@@ -112,7 +112,7 @@ def run_bev(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
     options: dict[str, Any] = {"max_range": args.max_range, "min_gt_points": args.min_gt_points,
                                "ignore_empty_classes": not args.keep_empty_classes}
     renders = BEVRenders(args.render, args.render_dir, args.grid_range or extent or DEFAULT_GRID_RANGE,
-                         args.score_threshold) if args.render > 0 else None
+                         args.score_threshold, classes) if args.render > 0 else None
     try:
         loader = bev_loader(args.shards, modality, args.batch_size, args.num_workers)
         if model is None:

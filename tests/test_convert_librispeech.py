@@ -166,7 +166,7 @@ def test_whisper_tiny_en_transcribes_the_converted_speech(tmp_path: Path, whispe
     convert("librispeech", make_librispeech(tmp_path / "LibriSpeech"), "--out", tmp_path / "out", "--workers", "1")
     modalities = [AudioModality(sample_rate=16000), TranscriptModality()]
     batch = collate_items([decode_sample(s, modalities) for s in read_shards(tmp_path / "out", "val")], modalities)
-    teacher = WhisperTeacher(model=str(whisper_tiny_en), seconds=30.0, max_new_tokens=64)
+    teacher = WhisperTeacher(model=str(whisper_tiny_en), seconds=30.0, max_new_tokens=64)  # Whisper's own 30 s window
     torch.manual_seed(0)
     hypotheses = teacher.transcribe(batch)
     wer = jiwer.wer(list(batch["transcript"]), hypotheses)

@@ -34,7 +34,11 @@ def data_main(argv: Sequence[str]) -> None:
     make.add_argument("--size", choices=("tiny", "small", "medium"), help="corpus size, where the corpus has sizes")
     make.add_argument("--source", help="folder with the corpus's source files, where the corpus reads some")
     make.add_argument("--workers", type=int, help="generating processes, where the corpus is generated in parallel")
-    _add_convert(verbs)
+    convert = verbs.add_parser(
+        "convert", help="convert a real dataset into shards", description="Convert a dataset folder into the "
+        "WebDataset shards the recipes read, with manifest.json (counts, options, skipped files, source digest).")
+    if list(argv[:1]) == ["convert"]:  # the formats' modules are imported only when converting
+        _add_formats(convert)
     args = parser.parse_args(list(argv))
     if args.verb == "convert":
         _convert(args)
@@ -49,16 +53,13 @@ def data_main(argv: Sequence[str]) -> None:
     print(json.dumps(meta, indent=2, default=str))
 
 
-def _add_convert(verbs: argparse._SubParsersAction) -> None:
+def _add_formats(convert: argparse.ArgumentParser) -> None:
     from xmodal.data.convert.base import DEFAULT_SHARD_SIZE
     from xmodal.data.convert.registry import converters
 
     formats = converters()
-    convert = verbs.add_parser(
-        "convert", help="convert a real dataset into shards", description="Convert a dataset folder into the "
-        "WebDataset shards the recipes read, with manifest.json (counts, options, skipped files, source digest).")
     kinds = convert.add_subparsers(dest="format", required=True, metavar="FORMAT",
-                                   help="; ".join(f"{name}: {c.help}" for name, c in formats.items()))
+                                   help=f"one of {', '.join(formats)}; FORMAT --help lists its options")
     for name, converter in formats.items():
         parser = kinds.add_parser(name, help=converter.help, description=converter.help)
         parser.add_argument("src", type=Path, help="the dataset's folder (or annotation file, where the format says)")

@@ -192,3 +192,19 @@ def test_package_corpus(tmp_path: Path) -> None:
             assert sample["json"]["label"] == labels[row]
             np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), images[row])
     assert set(fashion_mnist.labelled_keys(tmp_path, 1)) <= set(fashion_mnist.labelled_keys(tmp_path, 10))
+
+
+def test_labelled_flag_hides_the_other_training_labels(small: tuple[Path, dict]) -> None:
+    from xmodal.data.wds import WdsDataModule
+    from xmodal.modalities.image import ImageModality
+
+    out, meta = small
+    module = WdsDataModule([ImageModality(size=28)], train=str(out / meta["patterns"]["train"]),
+                           val=str(out / meta["patterns"]["val"]), batch_size=50, shuffle_buffer=1,
+                           labelled_flag="labelled_10pct")
+    seen = {key: label for batch in module.train_dataloader()
+            for key, label in zip(batch["__key__"], batch["label"].tolist(), strict=True)}
+    labelled = set(fashion_mnist.labelled_keys(out, 10))
+    assert labelled and len(seen) == meta["counts"]["train"]
+    assert {key for key, label in seen.items() if label != -100} == labelled
+    assert all(label >= 0 for batch in module.val_dataloader() for label in batch["label"].tolist())

@@ -64,10 +64,17 @@ def decode_json(data: bytes | str) -> Any:
     return json.loads(data)
 
 
-def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> dict[str, Any]:
+UNLABELLED = -100  # the label of a sample outside the labelled subset; label losses ignore it
+
+
+def decode_sample(
+    sample: Mapping[str, Any], modalities: Sequence[Modality], labelled_flag: str | None = None,
+) -> dict[str, Any]:
     """One raw sample -> decoded item: each modality's fields, ``label`` (from ``json``) and cached teacher outputs.
 
-    Cached outputs are stored as ``teacher.<output key>.npy`` and come back as ``teacher/<output key>``.
+    Cached outputs are stored as ``teacher.<output key>.npy`` and come back as ``teacher/<output key>``. With
+    ``labelled_flag`` (e.g. ``labelled_10pct``), a sample whose ``json`` lacks that flag or has it false keeps its
+    label hidden: ``label`` is ``UNLABELLED`` (semi-supervised distillation on a low-label subset).
     """
     item: dict[str, Any] = {"__key__": sample.get("__key__", "")}
     for modality in modalities:
@@ -75,7 +82,8 @@ def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> 
     if "json" in sample:
         meta = decode_json(sample["json"])
         if isinstance(meta, dict) and "label" in meta:
-            item["label"] = int(meta["label"])
+            labelled = labelled_flag is None or bool(meta.get(labelled_flag, False))
+            item["label"] = int(meta["label"]) if labelled else UNLABELLED
     if CACHE_ID_FIELD in sample:
         data = sample[CACHE_ID_FIELD]
         item[CACHE_ID] = data.decode() if isinstance(data, bytes) else str(data)
@@ -86,11 +94,13 @@ def decode_sample(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> 
     return item
 
 
-def decode_or_skip(sample: Mapping[str, Any], modalities: Sequence[Modality]) -> dict[str, Any] | None:
+def decode_or_skip(
+    sample: Mapping[str, Any], modalities: Sequence[Modality], labelled_flag: str | None = None,
+) -> dict[str, Any] | None:
     """:func:`decode_sample`, or ``None`` (with a warning naming the key) when any decoder fails: a corrupt sample
     is skipped, never a crash; the caller counts it."""
     try:
-        return decode_sample(sample, modalities)
+        return decode_sample(sample, modalities, labelled_flag)
     except Exception as error:
         log.warning("skipping corrupt sample %r: %s: %s", sample.get("__key__"), type(error).__name__, error)
         return None

@@ -73,10 +73,13 @@ class SampleBatcher:
     ``__failed_shards__``: the :class:`FailedShard` records this worker met since its previous batch.
     """
 
-    def __init__(self, modalities: Sequence[Modality], batch_size: int, drop_last: bool) -> None:
+    def __init__(
+        self, modalities: Sequence[Modality], batch_size: int, drop_last: bool, labelled_flag: str | None = None,
+    ) -> None:
         self.modalities = list(modalities)
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.labelled_flag = labelled_flag
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[Batch]:
         items: list[dict[str, Any]] = []
@@ -87,7 +90,7 @@ class SampleBatcher:
             if FAILED in sample:
                 failed.append(sample[FAILED])
                 continue
-            item = decode_or_skip(sample, self.modalities)
+            item = decode_or_skip(sample, self.modalities, self.labelled_flag)
             if item is None:
                 skipped += 1
             else:
@@ -187,7 +190,7 @@ def read_shards(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def make_pipeline(
     shards: Shards, modalities: Sequence[Modality], batch_size: int, *, train: bool, shuffle_buffer: int = 1000,
-    drop_last: bool = False, seed: int = 0,
+    drop_last: bool = False, seed: int = 0, labelled_flag: str | None = None,
 ) -> wds.DataPipeline:
     """The WebDataset pipeline: shard list -> node split -> worker split -> tar samples -> (shuffle) -> batches.
 
@@ -203,7 +206,7 @@ def make_pipeline(
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     if train:
         stages.append(SkipConsumed())
-    stages.append(SampleBatcher(modalities, batch_size, drop_last))
+    stages.append(SampleBatcher(modalities, batch_size, drop_last, labelled_flag))
     if train:
         stages.append(tag_worker)
     return wds.DataPipeline(*stages)
@@ -232,6 +235,10 @@ class WdsDataModule(L.LightningDataModule):
         shuffle_buffer: sample shuffle buffer in training.
         pin_memory: pin host batches when training on CUDA.
         seed: shard- and sample-order shuffling seed; ``None`` follows Lightning's ``seed_everything``.
+        labelled_flag: semi-supervised training on a low-label subset: a training sample keeps its label only when
+            its ``json`` has this flag true (e.g. ``labelled_10pct`` of ``xmodal data make fashion-mnist``); the
+            others get label ``-100``, which the label losses ignore, while distillation terms use every sample.
+            Validation and test keep every label.
     """
 
     def __init__(
@@ -246,9 +253,11 @@ class WdsDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         pin_memory: bool = True,
         seed: int | None = None,
+        labelled_flag: str | None = None,
     ) -> None:
         super().__init__()
         self.modalities = modalities
+        self.labelled_flag = labelled_flag
         self.shards = {"train": train, "val": val, "test": test, "predict": predict}
         self.batch_size = batch_size
         self.num_workers = auto_workers() if num_workers == "auto" else int(num_workers)
@@ -270,7 +279,8 @@ class WdsDataModule(L.LightningDataModule):
             raise ValueError(f"no shards configured for the {split!r} split (data.init_args.{split})")
         train = split == "train"
         pipeline = make_pipeline(pattern, self.modalities, self.batch_size, train=train,
-                                 shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.data_seed())
+                                 shuffle_buffer=self.shuffle_buffer, drop_last=train, seed=self.data_seed(),
+                                 labelled_flag=self.labelled_flag if train else None)
         loader_type = ResumableLoader if train else DataLoader
         loader = loader_type(
             pipeline, batch_size=None, num_workers=self.num_workers,

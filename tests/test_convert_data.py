@@ -108,6 +108,35 @@ def test_rerun_keeps_complete_shards_and_rewrites_only_what_changed(tmp_path: Pa
     assert shard_stamps(tmp_path)["train-000000.tar"] != first["train-000000.tar"], "new options rewrite all"
 
 
+FAIL_AT: list[int] = []  # jobs that fail as a crash would (not a skip), in the calling process (workers=1)
+
+
+def crashing_sample(job: int) -> dict[str, Any]:
+    if job in FAIL_AT:
+        raise RuntimeError(f"killed at job {job}")
+    return toy_sample(job)
+
+
+def test_an_interrupted_run_keeps_the_shards_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conversion = Conversion("toy", {"train": list(range(10)), "val": [20, 21]}, crashing_sample, lambda job: [], {})
+    run_conversion(conversion, tmp_path, workers=1, shard_size=4, progress=False)
+    finished = shard_stamps(tmp_path)
+    (tmp_path / "train-000001.tar").unlink()
+    (tmp_path / "train-000002.tar").unlink()
+    monkeypatch.setattr(__name__ + ".FAIL_AT", [9])
+    with pytest.raises(RuntimeError, match="killed at job 9"):
+        run_conversion(conversion, tmp_path, workers=1, shard_size=4, progress=False)
+    assert not json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    stamps = shard_stamps(tmp_path)
+    assert "train-000001.tar" in stamps and "train-000002.tar" not in stamps, "no partial shard, the finished kept"
+    monkeypatch.setattr(__name__ + ".FAIL_AT", [])
+    manifest = run_conversion(conversion, tmp_path, workers=1, shard_size=4, progress=False)
+    assert manifest["complete"] and manifest["counts"] == {"train": 9, "val": 2}
+    again = shard_stamps(tmp_path)
+    assert {name for name in again if again[name] != stamps.get(name)} == {"train-000002.tar"}
+    assert again["val-000000.tar"] == finished["val-000000.tar"]
+
+
 def test_an_all_skipped_shard_is_written_empty(tmp_path: Path) -> None:
     conversion = Conversion("toy", {"train": [3, 10, 1]}, toy_sample, lambda job: [], {})
     manifest = run_conversion(conversion, tmp_path, workers=1, shard_size=2, progress=False)

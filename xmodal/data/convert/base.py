@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import itertools
 import json
 import re
 import time
@@ -170,20 +169,24 @@ def run_conversion(conversion: Conversion[Job], out: str | Path, *, workers: int
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    earlier = _recorded_shards(folder) if resume else {}
+    known = _recorded_shards(folder) if resume else {}  # shard name -> record, updated as shards are written
     records: dict[str, list[dict[str, Any]]] = {}
 
     def save_progress() -> None:  # after each shard, so that an interrupted run keeps what it finished
-        _write_json(folder / MANIFEST, _manifest(conversion, records, complete=False))
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for name, record in sorted(known.items()):
+            by_split.setdefault(name.rsplit("-", 1)[0], []).append(record)
+        _write_json(folder / MANIFEST, _manifest(conversion, by_split, complete=False))
 
     attempt = functools.partial(_attempt, conversion.sample)
     with SamplePool(attempt, default_workers(workers), CHUNKSIZE) as pool:
         for split, jobs in conversion.splits.items():
             records[split] = []
-            shards = _Shards(folder, split, shard_size, progress)
-            for record in shards.write(conversion, jobs, pool, earlier):
+            for record, written in _Shards(folder, split, shard_size, progress).write(conversion, jobs, pool, known):
                 records[split].append(record)
-                save_progress()
+                if written:
+                    known[record["name"]] = record
+                    save_progress()
     extra = conversion.side_files(folder) if conversion.side_files is not None else {}
     manifest = {**_manifest(conversion, records, complete=True), **extra,
                 "seconds": round(time.perf_counter() - start, 3)}
@@ -204,8 +207,9 @@ class _Shards:
     progress: bool
 
     def write(self, conversion: Conversion[Job], jobs: Sequence[Job], pool: SamplePool,
-              earlier: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Write the shards whose jobs changed since ``earlier``; yields every shard's record in order."""
+              earlier: Mapping[str, dict[str, Any]]) -> Iterator[tuple[dict[str, Any], bool]]:
+        """Write the shards whose jobs changed since ``earlier`` (records by shard name); yields every shard's
+        record in order, and whether it was written now."""
         chunks = [jobs[i:i + self.size] for i in range(0, len(jobs), self.size)]
         names = [f"{self.split}-{k:0{SHARD_DIGITS}d}.tar" for k in range(len(chunks))]
         digests = [_jobs_digest(conversion, chunk) for chunk in chunks]
@@ -213,15 +217,14 @@ class _Shards:
                 if (self.folder / name).is_file() and earlier.get(name, {}).get("jobs_digest") == digests[k]}
         for stale in set(existing_shards(self.folder, self.split)) - {self.folder / name for name in names}:
             stale.unlink()
-        pending = [job for k, chunk in enumerate(chunks) if k not in kept for job in chunk]
-        results = pool.map(pending)
-        with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=f"{conversion.format} {self.split}",
-                  unit="sample", disable=not self.progress, dynamic_ncols=True) as bar:
+        done = sum(len(chunks[k]) for k in kept)
+        with tqdm(total=len(jobs), initial=done, desc=f"{conversion.format} {self.split}", unit="sample",
+                  disable=not self.progress, dynamic_ncols=True) as bar:
             for k, chunk in enumerate(chunks):
                 if k in kept:
-                    yield earlier[names[k]]
-                else:
-                    yield self._write_one(k, itertools.islice(results, len(chunk)), digests[k], bar)
+                    yield earlier[names[k]], False
+                else:  # one shard's jobs at a time: at most a shard of samples waits in memory
+                    yield self._write_one(k, pool.map(chunk), digests[k], bar), True
 
     def _write_one(self, number: int, results: Iterator[Sample], digest: str,
                    bar: tqdm) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def read_image(path: Path, max_size: int | None = None) -> tuple[str, bytes]:
         with Image.open(io.BytesIO(data)) as image:
             source_format = image.format or ""
             picture = image.convert("RGB")  # decodes every pixel
+    except Image.DecompressionBombError:
+        raise SkipSample(path, f"image over PIL's {Image.MAX_IMAGE_PIXELS} pixel limit") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise SkipSample(path, "corrupt image") from None
     too_large = max_size is not None and min(picture.size) > max_size

@@ -3,6 +3,7 @@ has gone says so, and ``hf://owner/name@revision`` resolves through the local Hu
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 import yaml
 
 from tests.test_zoo import outputs, save_tiny
-from xmodal.zoo import ChecksumError, create_model, model_card, register_model
+from xmodal.students.clip import CLIPStudent
+from xmodal.zoo import ChecksumError, create_model, model_card, register_model, sha256_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -30,10 +32,17 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def cache_repo(cache: Path, repo_id: str, folder: Path, revision: str) -> None:
-    """Lay ``folder`` out as huggingface_hub caches a downloaded repository at ``revision``."""
+    """Lay ``folder`` out as huggingface_hub caches a downloaded repository at ``revision``: files in ``blobs/``
+    under their digest, linked from ``snapshots/<commit>/``, and ``refs/<revision>`` naming the commit."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir(parents=True)
+    (repo / "blobs").mkdir(parents=True)
+    for file in [f for f in folder.rglob("*") if f.is_file()]:
+        blob = repo / "blobs" / sha256_file(file)
+        shutil.copyfile(file, blob)
+        link = repo / "snapshots" / COMMIT / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
     (repo / "refs" / revision).write_text(COMMIT)
 
 
@@ -94,8 +103,10 @@ def test_a_hub_model_at_a_revision_loads_from_the_local_cache(tmp_path: Path, zo
 
     loaded = create_model("hf://someone/tiny-clip@v1")
     pinned = create_model(f"hf://someone/tiny-clip@{COMMIT}")
-    for got, also, want in zip(outputs(loaded), outputs(pinned), outputs(model), strict=True):
-        assert torch.equal(got, want) and torch.equal(also, want)
+    through_mixin = CLIPStudent.from_pretrained("someone/tiny-clip", revision="v1", local_files_only=True)
+    for got, also, mixed, want in zip(outputs(loaded), outputs(pinned), outputs(through_mixin), outputs(model),
+                                      strict=True):
+        assert torch.equal(got, want) and torch.equal(also, want) and torch.equal(mixed, want)
 
     register_model("hf://someone/tiny-clip@v1", name="from-hub")
     shutil.rmtree(hub_cache)

@@ -189,3 +189,25 @@ def test_export_student_writes_the_runs_facts_and_an_open_clip_folder(shapes_dir
         assert torch.equal(reference.eval().encode_image(pixels), student.encode_image(pixels))
         assert torch.equal(reference.encode_text(tokenizer(CAPTIONS)), student.encode_text(tokenizer(CAPTIONS)))
     assert json.loads(Path("export/open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 16
+
+
+def test_export_student_records_the_recipe_files_of_xmodal_fit(shapes_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from xmodal.commands.main import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "ExportStudent", "init_args": {"out_dir": "export"}}]},
+        "model": {"student": {"class_path": "CLIPStudent", "init_args": tiny_clip_args(shapes_dir / "tokenizer")},
+                  "losses": [{"class_path": "CLIPContrastiveLoss"}]},
+        "data": {"modalities": [{"class_path": "ImageModality", "init_args": {"size": 16}},
+                                {"class_path": "TextModality"}],
+                 "train": str(shapes_dir / "train-*.tar"), "batch_size": 8},
+    }
+    Path("recipe.yaml").write_text(yaml.safe_dump(recipe))
+    main(["fit", "--config", "recipe.yaml"])
+    card = yaml.safe_load(Path("export/card.yaml").read_text())
+    assert card["recipe"] == ["recipe.yaml"] and card["budget"]["steps"] == 1
+    assert "| Recipe | recipe.yaml |" in Path("export/README.md").read_text()

@@ -205,7 +205,9 @@ def test_missing_and_corrupt_images_are_skipped_counted_and_named(tmp_path: Path
     broken = src / "train2017" / "000000000030.jpg"
     broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])  # truncated JPEG
     convert("coco", src, "--out", out, "--workers", "1")
-    assert "skipped 2 samples: 1 corrupt image, 1 missing image" in capsys.readouterr().out
+    printed = capsys.readouterr().err
+    assert "skipped 2 samples: 1 corrupt image, 1 missing image" in printed
+    assert f"  {broken}: corrupt image" in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["train"] == 2 and manifest["skipped"] == {"corrupt image": 1, "missing image": 1}
     assert {(e["file"], e["reason"]) for e in manifest["skipped_files"]} == {

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ Job = TypeVar("Job")
 Sample = dict[str, Any]
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE = 1000
+SHOWN_SKIPS = 5  # skipped files printed at the end of a run
 CHUNKSIZE = 4  # jobs per task sent to a worker: reading and re-encoding media is slow enough for small tasks
 
 
@@ -293,12 +295,18 @@ def _meta(conversion: Conversion[Job], manifest: dict[str, Any], extra: dict[str
             "converted_by": MANIFEST, **extra}
 
 
-def _print_skips(manifest: dict[str, Any]) -> None:
+def _print_skips(manifest: dict[str, Any], shown: int = SHOWN_SKIPS) -> None:
+    """The skip counts per reason and the first ``shown`` skipped files, on stderr."""
     if not manifest["skipped"]:
         return
-    print(f"skipped {sum(manifest['skipped'].values())} samples: "
-          + ", ".join(f"{count} {reason}" for reason, count in manifest["skipped"].items())
-          + f" (the files are listed in {MANIFEST})")
+    files = manifest["skipped_files"]
+    lines = [f"skipped {len(files)} samples: "
+             + ", ".join(f"{count} {reason}" for reason, count in manifest["skipped"].items())
+             + f" (every file is listed in {MANIFEST})"]
+    lines += [f"  {entry['file']}: {entry['reason']}" for entry in files[:shown]]
+    if len(files) > shown:
+        lines.append(f"  ... and {len(files) - shown} more")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def _write_json(path: Path, value: Any) -> None:

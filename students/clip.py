@@ -110,6 +110,11 @@ class CLIPStudent(nn.Module, HubMixin):
             out["text.emb"] = self.encode_text(tokens, normalize=True)
         return out
 
+    def _save_folder(self, folder: Path, model_card_kwargs: dict[str, Any] | None) -> None:
+        """``save_pretrained``/``push_to_hub``: the zoo folder, which open_clip loads too (``local-dir:<folder>``)."""
+        super()._save_folder(folder, model_card_kwargs)
+        save_open_clip_dir(self, folder)
+
     def open_clip_config(self) -> dict[str, Any]:
         """The ``open_clip_config.json`` content: model config plus preprocessing."""
         model_cfg = copy.deepcopy(self.model_cfg)

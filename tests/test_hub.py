@@ -13,9 +13,11 @@ from typing import Any
 
 import huggingface_hub.hub_mixin
 import lightning as L
+import open_clip
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import Tensor, nn
 
 from tests.conftest import tiny_clip_args
@@ -143,16 +145,18 @@ def test_push_to_hub_uploads_the_saved_folder(shapes_dir: Path, tmp_path: Path,
     assert RecordingHfApi.calls[0][1]["private"] is True
     uploaded = tmp_path / "hub" / "someone" / "tiny-clip"
     assert {p.name for p in uploaded.iterdir()} == {"model.safetensors", "config.json", "card.yaml", "README.md",
-                                                    "tokenizer"}
+                                                    "tokenizer", "open_clip_config.json", "open_clip_model.safetensors",
+                                                    "tokenizer.json", "tokenizer_config.json"}
     assert "license: apache-2.0" in (uploaded / "README.md").read_text()
     same_outputs(CLIPStudent.from_pretrained(uploaded), model, batch)
+    pixels = model.normalize(images())
+    with torch.no_grad():  # a CLIP student's pushed folder is an open_clip folder too
+        assert torch.equal(open_clip.create_model(f"local-dir:{uploaded}").eval().encode_image(pixels),
+                           model.encode_image(pixels))
 
 
 def test_export_student_writes_the_runs_facts_and_an_open_clip_folder(shapes_dir: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import open_clip
-    from PIL import Image
-
     monkeypatch.chdir(tmp_path)
     L.seed_everything(0)
     save_open_clip_dir(CLIPStudent(**tiny_clip_args(shapes_dir / "tokenizer")), "teacher")

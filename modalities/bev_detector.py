@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from xmodal.contracts import Batch, Outputs
 from xmodal.modalities.bev_nets import BEVBackbone, BEVGrid, CenterHead, LiftSplat, PillarEncoder
 from xmodal.modalities.blocks import conv_bn
+from xmodal.zoo.hub import HubMixin
 
 Inputs = Literal["lidar", "camera", "fusion"]
 FeatLayer = Literal["encoder", "neck", "head"]
@@ -61,7 +62,7 @@ def decode_boxes(heatmap: Tensor, reg: Tensor, grid: BEVGrid, top_k: int = 100, 
     return [{"boxes": boxes[i][keep[i]], "scores": top[i][keep[i]], "labels": labels[i][keep[i]]} for i in range(b)]
 
 
-class BEVDetector(nn.Module):
+class BEVDetector(nn.Module, HubMixin):
     """LiDAR, camera or fusion BEV detector (see the module docstring).
 
     Args:

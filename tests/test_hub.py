@@ -73,6 +73,13 @@ def prompted_image_student(tokenizer: Path, work: Path) -> tuple[Any, dict[str, 
     return PromptedImageStudent(str(work / "clip"), str(vectors), n_ctx=2), {"image": images()}
 
 
+def bev_detector(tokenizer: Path, work: Path) -> tuple[Any, dict[str, Any]]:
+    from tests.test_bev_models import SCENES, TINY, synthetic_batch
+    from xmodal.modalities.bev_detector import BEVDetector
+
+    return BEVDetector("fusion", **TINY), synthetic_batch(SCENES)
+
+
 def same_outputs(a: nn.Module, b: nn.Module, batch: dict[str, Any]) -> None:
     with torch.no_grad():
         got, want = a.eval()(batch), b.eval()(batch)
@@ -81,8 +88,8 @@ def same_outputs(a: nn.Module, b: nn.Module, batch: dict[str, Any]) -> None:
         assert torch.equal(got[key], want[key]), key
 
 
-@pytest.mark.parametrize("build", [clip_student, video_student, lip_reader, prompted_clip, prompted_image_student],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [clip_student, video_student, lip_reader, prompted_clip, prompted_image_student,
+                                   bev_detector], ids=lambda f: f.__name__)
 def test_save_pretrained_then_from_pretrained_gives_the_same_outputs(build: Builder, shapes_dir: Path,
                                                                       tmp_path: Path) -> None:
     torch.manual_seed(0)

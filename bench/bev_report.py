@@ -6,12 +6,13 @@ mAP and NDS are stored as fractions (0.253) and shown in points (25.3), as the p
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import SMOKE_BANNER, format_pm
+from bench.report import SMOKE_BANNER, bar_panel, format_pm, new_figure, plot_main, save_figure
 from bench.stats import Paired, mean_std, paired, reading, seed_values
 
 PAPER_GAIN = (2.0, 3.2)  # UniDistill (CVPR 2023): mAP and NDS gains of its students on nuScenes, points
@@ -241,3 +242,27 @@ def write_diagnostics_report(results: Mapping[str, Any], out: Path) -> Path:
     path = out.with_suffix(".md")
     path.write_text(diagnostics_markdown(results))
     return path
+
+
+# --- plot --------------------------------------------------------------------------------------------------------
+
+
+def plot(results: Mapping[str, Any], path: Path) -> Path:
+    """mAP and NDS (points, mean ± std over seeds) of every row, one panel each (``bench/results/bev.png``)."""
+    rows = [row for row in LABELS if over_seeds(results["runs"], row, "mAP") is not None]
+    seeds = len({run["seed"] for run in results["runs"].values()})
+    fig, axes = new_figure(2, width=6.0)
+    fig.suptitle(f"BEV UniDistill benchmark, test split: mean ± std over {seeds} seeds", fontsize=10)
+    for ax, metric in zip(axes, ("mAP", "NDS"), strict=True):
+        values = [over_seeds(results["runs"], row, metric) or (math.nan, 0.0) for row in rows]
+        bar_panel(ax, [LABELS[row] for row in rows], {metric: [(100 * m, 100 * s) for m, s in values]},
+                  f"{metric} (points)", metric)
+    return save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    return plot_main(argv, plot, "bev")
+
+
+if __name__ == "__main__":
+    print(main())

@@ -3,9 +3,11 @@ line, and learning-curve panels with one colour per method across panels."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,50 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[Mapping[str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bar_panel(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[tuple[float, float]]],
+              ylabel: str, title: str) -> None:
+    """Grouped bars on ``ax``: one group per entry of ``groups``, one bar per ``series`` entry (``{name: [(mean,
+    std), ...]}`` aligned with ``groups``; a std of 0 draws no error bar), each series in its own colour."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        means, stds = [v[0] for v in values], [v[1] for v in values]
+        ax.bar(xs, means, width, yerr=[s if s > 0 else math.nan for s in stds], capsize=3, label=name,
+               color=f"C{i % 10}")
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def new_figure(panels: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, list[Any]]:
+    """A matplotlib figure (Agg, no display) with ``panels`` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def plot_main(argv: Sequence[str] | None, plot: Callable[[Mapping[str, Any], Path], Path], stem: str) -> Path:
+    """``python -m bench.<name>_report``: draw ``plot`` of the committed ``bench/results/<stem>.json`` into
+    ``bench/results/<stem>.png`` (``--results`` and ``--png`` choose others)."""
+    parser = argparse.ArgumentParser(description=f"Plot the committed {stem} benchmark results.")
+    parser.add_argument("--results", type=Path, default=Path(f"bench/results/{stem}.json"))
+    parser.add_argument("--png", type=Path, default=Path(f"bench/results/{stem}.png"))
+    args = parser.parse_args(argv)
+    return plot(json.loads(args.results.read_text()), args.png)

@@ -98,7 +98,7 @@ def test_model_card(tmp_path: Path, zoo_dir: Path) -> None:
     assert card["metrics"] == {"imagenet_top1": 0.25, "coco_i2t_R@1": 0.5}
     assert card["class_path"] == "xmodal.students.clip.CLIPStudent" and card["bundled"] == ["tokenizer"]
     assert card["checkpoint"] == "model.safetensors" and len(card["sha256"]) == 64 and card["created"]
-    assert Path(card["root"]) == zoo_dir / "store" / card["card_sha256"]  # a copy: the folder may go
+    assert Path(card["root"]).parent == zoo_dir / "store"  # a copy: the folder may go
 
 
 def test_pretrained_false_and_overrides(tmp_path: Path, zoo_dir: Path) -> None:

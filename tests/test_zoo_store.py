@@ -52,7 +52,7 @@ def test_a_registered_model_outlives_its_folder(tmp_path: Path, zoo: Path) -> No
     shutil.rmtree(ckpt)
 
     stored = Path(model_card("tiny")["root"])
-    assert stored.parent == zoo / "store" and stored.name == model_card("tiny")["card_sha256"]
+    assert stored.parent == zoo / "store" and len(stored.name) == 64  # named by the sha256 of its files
     assert {p.name for p in stored.iterdir()} == {"model.safetensors", "config.json", "card.yaml", "README.md",
                                                   "tokenizer"}
     for got, want in zip(outputs(create_model("tiny")), outputs(model), strict=True):
@@ -73,7 +73,17 @@ def test_weights_that_differ_from_their_card_are_not_stored(tmp_path: Path, zoo:
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ChecksumError, match="differs from the card's"):
         register_model(ckpt, name="tampered")
-    assert not list((zoo / "store").iterdir()) and not (zoo / "tampered.yaml").exists()
+    assert not list((zoo / "store").iterdir()) and not (zoo / "tampered.yaml").exists()  # nothing half-stored
+
+
+def test_same_weights_with_another_tokenizer_are_stored_apart(tmp_path: Path, zoo: Path) -> None:
+    _, ckpt = save_tiny(tmp_path, tmp_path / "ckpt")
+    other = Path(shutil.copytree(ckpt, tmp_path / "other"))
+    with open(other / "tokenizer" / "tokenizer_config.json", "a") as f:
+        f.write("\n")
+    register_model(ckpt, name="first")
+    register_model(other, name="second")
+    assert model_card("first")["root"] != model_card("second")["root"]
 
 
 def test_a_registered_model_whose_folder_has_gone_says_folder_missing(tmp_path: Path, zoo: Path) -> None:

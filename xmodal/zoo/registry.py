@@ -18,8 +18,8 @@ name such as ``"ViT-B-32"``) are kept as they are; nested values (inside dicts) 
 
 Registry: names are card file stems, looked up in ``xmodal/zoo/*.yaml`` (shipped with the package) and in the
 user zoo, ``$XMODAL_ZOO_DIR`` or ``~/.cache/xmodal/zoo`` (user cards win a name clash).
-:func:`register_model` copies a checkpoint folder's files into the zoo's store, ``store/<card_sha256>/``, and
-writes a copy of its card beside the store with ``root`` set to that copy, so a registered model does not depend
+:func:`register_model` copies a checkpoint folder's files into the zoo's store, ``store/<sha256 of the files>/``,
+and writes a copy of its card beside the store with ``root`` set to that copy, so a registered model does not depend
 on the folder it came from. A card's ``root`` and ``checkpoint`` may use ``~`` and ``$VARS``; a card whose root
 folder has gone fails with "folder missing". The folder of a model on the Hugging Face Hub is named
 ``hf://<owner>/<name>[@<revision>]``; it is read from the local Hugging Face cache unless the caller passes
@@ -221,10 +221,11 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None, download
     """Register a checkpoint folder in the user zoo, so that ``create_model(name)`` finds it.
 
     The folder's weights, config, cards and bundled files are copied into the zoo's store,
-    ``<user zoo>/store/<card_sha256>/`` (content-addressed: the digest covers the weights' sha256, checked after
-    the copy), and ``<user zoo>/<name>.yaml`` gets a copy of the folder's card pointing there, so the original
-    folder may move or go. Re-registering a name replaces it. A card with a ``card_sha256`` must match it; one
-    without (saved by an older version) gets one, registering being the user's word that the folder is trusted.
+    ``<user zoo>/store/<digest>/`` (content-addressed: the sha256 over the copied files' paths and contents; the
+    weights' sha256 is checked against the card after the copy), and ``<user zoo>/<name>.yaml`` gets a copy of
+    the folder's card pointing there, so the original folder may move or go. Re-registering a name replaces it.
+    A card with a ``card_sha256`` must match it; one without (saved by an older version) gets one, registering
+    being the user's word that the folder is trusted.
 
     Args:
         checkpoint_dir: a folder written by :func:`save_pretrained`, or ``hf://<owner>/<name>[@<revision>]``.
@@ -252,7 +253,7 @@ def register_model(checkpoint_dir: str | Path, name: str | None = None, download
     if not (folder / card.get("checkpoint", WEIGHTS)).is_file():
         raise FileNotFoundError(f"{folder}: no weights file {card.get('checkpoint', WEIGHTS)!r}")
     zoo = user_zoo_dir()
-    stored = _store(folder, card, zoo / STORE / card["card_sha256"])
+    stored = _store(folder, card, zoo / STORE)
     card.update(name=name, root=str(stored.relative_to(zoo)), source=source)
     return _write_card(card, zoo / f"{name}.yaml")
 
@@ -273,30 +274,41 @@ def hub_folder(reference: str, download: bool = False) -> Path:
         ) from error
 
 
-def _store(folder: Path, card: dict[str, Any], stored: Path) -> Path:
-    """Copy the files ``card`` needs from ``folder`` into the store folder ``stored`` (kept if already there)."""
-    if stored.is_dir():
+def _store(folder: Path, card: dict[str, Any], store: Path) -> Path:
+    """Copy the files ``card`` needs from ``folder`` into ``store/<digest of the copied files>`` (kept if there)."""
+    import tempfile
+
+    store.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store))
+    try:
+        names = [card.get("checkpoint", WEIGHTS), CONFIG, CARD, README,
+                 *(card["init_args"][key] for key in card.get("bundled") or [])]
+        for rel in names:
+            src = folder / rel
+            if src.is_dir():
+                shutil.copytree(src, staging / rel)
+            elif src.is_file():
+                shutil.copy2(src, staging / rel)
+            elif rel != README:
+                raise FileNotFoundError(f"{folder}: {rel} is missing; its card needs it")
+        got = sha256_file(staging / card.get("checkpoint", WEIGHTS))
+        if got != card.get("sha256"):
+            raise ChecksumError(f"{folder}: weights sha256 {got} differs from the card's {card.get('sha256')}")
+        stored = store / _folder_digest(staging)
+        if not stored.is_dir():
+            staging.rename(stored)
         return stored
-    staging = stored.with_name(stored.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    names = [card.get("checkpoint", WEIGHTS), CONFIG, CARD, README,
-             *(card["init_args"][key] for key in card.get("bundled") or [])]
-    for rel in names:
-        src = folder / rel
-        if src.is_dir():
-            shutil.copytree(src, staging / rel)
-        elif src.is_file():
-            shutil.copy2(src, staging / rel)
-        elif rel != README:
-            raise FileNotFoundError(f"{folder}: {rel} is missing; its card needs it")
-    got = sha256_file(staging / card.get("checkpoint", WEIGHTS))
-    if got != card.get("sha256"):
-        shutil.rmtree(staging)
-        raise ChecksumError(f"{folder}: weights sha256 {got} differs from the card's {card.get('sha256')}")
-    staging.rename(stored)
-    return stored
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _folder_digest(folder: Path) -> str:
+    """Hex sha256 over a folder's files: each relative path and its content's sha256, in path order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def card_digest(card: dict[str, Any]) -> str:

@@ -6,13 +6,21 @@ Batch field: ``transcript`` (``list[str]``, one normalised sentence per sample).
 
 Normalisation is Unicode-aware: letters, digits and combining marks of every script are kept (NFC, casefolded),
 so Cyrillic, Chinese or "café" (composed or decomposed) survive; only English spells digits as words.
+
+The character vocabulary (:class:`CharVocab`) is English ``a-z`` unless a recipe names another
+(:data:`VocabularySpec`, read by :func:`load_vocabulary`): a list of characters, a file, or a corpus folder whose
+``vocabulary.json`` (:func:`corpus_vocabulary`, written by ``xmodal data convert cmlr``) lists the characters of
+its train split, most frequent first.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,26 +56,56 @@ def normalize_transcript(text: str, language: str = "en") -> str:
     return " ".join(text.split())
 
 
-class CharVocab:
-    """Characters ``a-z``, space and apostrophe, plus ``<blank>`` (0, also padding), ``<sos>`` and ``<eos>``.
+ENGLISH_CHARS = " 'abcdefghijklmnopqrstuvwxyz"
+VOCABULARY_FILE = "vocabulary.json"
+# None (English a-z), a list of characters, {"chars": [...], "language": ...} (a vocabulary.json's content), or the
+# path of a vocabulary file (.json, or text with one character a line) or of a folder holding vocabulary.json.
+VocabularySpec = str | Sequence[str] | Mapping[str, Any] | None
 
-    Index 0 doubles as the CTC blank and the padding value of target tensors.
+
+class CharVocab:
+    """Characters (default ``a-z``, space and apostrophe), plus ``<blank>`` (0, also padding), ``<sos>``, ``<eos>``.
+
+    Index 0 doubles as the CTC blank and the padding value of target tensors. ``language`` is the one transcripts
+    are normalised in before encoding (:func:`normalize_transcript`).
+
+    Raises:
+        ValueError: an entry that is not one character, a repeated character, or one that normalisation never
+            produces (an upper-case letter, punctuation, an English digit).
     """
 
     specials = ("<blank>", "<sos>", "<eos>")
 
-    def __init__(self, chars: str = " 'abcdefghijklmnopqrstuvwxyz") -> None:
-        self.itos = list(self.specials) + list(chars)
+    def __init__(self, chars: str | Sequence[str] = ENGLISH_CHARS, language: str = "en") -> None:
+        chars = list(chars)
+        unusable = [c for c in chars if len(c) != 1 or (c != " " and normalize_transcript(c, language) != c)]
+        if unusable:
+            raise ValueError(f"vocabulary entries must be single characters that normalised {language!r} "
+                             f"transcripts hold, got {unusable[:5]!r}")
+        repeated = sorted(c for c, n in Counter(chars).items() if n > 1)
+        if repeated:
+            raise ValueError(f"vocabulary characters repeated: {repeated[:5]!r}")
+        self.chars, self.language = chars, language
+        self.itos = list(self.specials) + chars
         self.stoi = {token: index for index, token in enumerate(self.itos)}
         self.blank, self.sos, self.eos = 0, 1, 2
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the English ``a-z`` vocabulary that :class:`CharVocab` builds without arguments."""
+        return self.chars == list(ENGLISH_CHARS) and self.language == "en"
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"chars", "language"}``: a :data:`VocabularySpec` that rebuilds this vocabulary."""
+        return {"chars": list(self.chars), "language": self.language}
 
     def __len__(self) -> int:
         return len(self.itos)
 
     def encode(self, text: str) -> list[int]:
-        """Character ids of ``normalize_transcript(text)`` (no sos/eos); characters outside the vocabulary
-        (e.g. "é" or Cyrillic with the default English one) are skipped."""
-        return [self.stoi[c] for c in normalize_transcript(text) if c in self.stoi]
+        """Character ids of ``normalize_transcript(text, language)`` (no sos/eos); characters outside the
+        vocabulary (e.g. "é" or Cyrillic with the default English one) are skipped."""
+        return [self.stoi[c] for c in normalize_transcript(text, self.language) if c in self.stoi]
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Text of ``ids``, stopping at ``<eos>`` and skipping blanks/sos."""
@@ -87,6 +125,73 @@ class CharVocab:
         for row, ids in enumerate(encoded):
             targets[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return targets, lengths
+
+
+def load_vocabulary(spec: VocabularySpec | CharVocab = None) -> CharVocab:
+    """The :class:`CharVocab` a recipe names (:data:`VocabularySpec`); ``None``: English ``a-z``.
+
+    Raises:
+        FileNotFoundError: a path that is neither a vocabulary file nor a folder holding ``vocabulary.json``.
+        ValueError: a malformed file or unusable characters (see :class:`CharVocab`).
+    """
+    if spec is None or isinstance(spec, CharVocab):
+        return spec or CharVocab()
+    if isinstance(spec, str | Path):
+        return read_vocabulary(Path(spec))
+    if isinstance(spec, Mapping):
+        if "chars" not in spec:
+            raise ValueError(f"a vocabulary mapping needs 'chars' (and optionally 'language'), got {sorted(spec)}")
+        return CharVocab(spec["chars"], spec.get("language", "en"))
+    return CharVocab(spec)
+
+
+def read_vocabulary(path: Path) -> CharVocab:
+    """A vocabulary file: JSON (a list of characters, or :func:`corpus_vocabulary`'s object) or text with one
+    character a line; a folder stands for its ``vocabulary.json``."""
+    file = path / VOCABULARY_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no vocabulary file (a .json or one-character-a-line text file, or a "
+                                f"converted corpus folder with {VOCABULARY_FILE})")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() != ".json":
+        return CharVocab([line for line in text.splitlines() if line])
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(data, list | dict):
+        raise ValueError(f"{file}: expected a list of characters or an object with 'chars'")
+    try:
+        return load_vocabulary(data)
+    except ValueError as error:
+        raise ValueError(f"{file}: {error}") from error
+
+
+def corpus_vocabulary(texts: Iterable[str], language: str) -> dict[str, Any]:
+    """The ``vocabulary.json`` of a corpus: every character of its :func:`normalize_transcript`-ed ``texts``, most
+    frequent first (ties in code-point order), with ``counts`` and the number of ``transcripts``."""
+    normalized = [normalize_transcript(text, language) for text in texts]
+    counts = Counter(char for text in normalized for char in text)
+    chars = sorted(counts, key=lambda char: (-counts[char], char))
+    return {"language": language, "chars": chars, "counts": {c: counts[c] for c in chars},
+            "transcripts": len(normalized)}
+
+
+def check_targets(vocab: CharVocab, texts: Sequence[str], lengths: Tensor, classes: int, where: str) -> None:
+    """Fail loudly where a character loss would silently learn nothing: logits over ``classes`` that are not
+    ``vocab``'s, or transcripts with none of its characters (Chinese text against the English ``a-z``).
+
+    Args:
+        texts: the batch's transcripts. lengths: ``B`` encoded lengths (:meth:`CharVocab.batch_targets`).
+        where: the loss, for the message.
+    """
+    if classes != len(vocab):
+        raise ValueError(f"{where}: logits over {classes} classes but the vocabulary has {len(vocab)}: give the "
+                         "loss the student's `vocabulary`")
+    if int(lengths.sum()) == 0 and any(texts):
+        raise ValueError(f"{where}: no character of the batch's transcripts (e.g. {texts[0][:20]!r}) is in the "
+                         f"vocabulary ({''.join(vocab.chars[:30])!r}...): name the corpus's `vocabulary` in the "
+                         "recipe (student, losses and TranscriptModality)")
 
 
 def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
@@ -192,14 +297,20 @@ class TranscriptModality(Modality):
     """Decode ``txt`` to ``transcript`` (:func:`normalize_transcript` applied) and collate to ``list[str]``.
 
     Nothing happens on the device: the batch field stays a list of strings.
+
+    Args:
+        field: the sample's text field. language: of the normalisation (``None``: the vocabulary's).
+        vocabulary: the recipe's character vocabulary (:data:`VocabularySpec`; ``None``: English ``a-z``), the
+            same one its student and character losses are given; ``vocab`` holds it.
     """
 
     name = "transcript"
     fields = ("transcript",)
 
-    def __init__(self, field: str = "txt", language: str = "en") -> None:
+    def __init__(self, field: str = "txt", language: str | None = None, vocabulary: VocabularySpec = None) -> None:
         self.field = field
-        self.language = language
+        self.vocab = load_vocabulary(vocabulary)
+        self.language = language or self.vocab.language
 
     def decode(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         data = sample[self.field]

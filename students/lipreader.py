@@ -1,9 +1,9 @@
 """A sequence-to-sequence lip reader (the LIBS / MixSpeech student) and its audio branch as a frozen teacher.
 
 :class:`LipReader`: 3D-conv frontend -> ResNet-lite per frame -> temporal encoder (BiGRU or transformer) ->
-attention decoder over :class:`~xmodal.modalities.transcript.CharVocab`, teacher-forced on ``transcript`` in
-training; an optional CTC head; greedy and beam-search decoding. With ``audio_frontend=True`` it also has a log-mel
-conv frontend whose features are resampled to the video rate and mixed with the visual ones
+attention decoder over a :class:`~xmodal.modalities.transcript.CharVocab` (``vocabulary``), teacher-forced on
+``transcript`` in training; an optional CTC head; greedy and beam-search decoding. With ``audio_frontend=True`` it
+also has a log-mel conv frontend whose features are resampled to the video rate and mixed with the visual ones
 (MixSpeech, ``m = lam * a + (1 - lam) * v``) before the shared temporal encoder and decoder.
 
 Outputs (``B`` clips, ``Tv`` video frames, ``L`` characters of the longest transcript, ``V`` vocabulary):
@@ -42,7 +42,13 @@ from xmodal.modalities.audio import (
 )
 from xmodal.modalities.blocks import conv_bn
 from xmodal.modalities.image import OPENAI_MEAN, OPENAI_STD
-from xmodal.modalities.transcript import CharVocab, decoder_targets, identity_char_tokens, texts_to_codepoints
+from xmodal.modalities.transcript import (
+    VocabularySpec,
+    decoder_targets,
+    identity_char_tokens,
+    load_vocabulary,
+    texts_to_codepoints,
+)
 from xmodal.zoo.hub import HubMixin
 
 MEL_FRAME_RATE = 100.0  # Hz: the 10 ms hop of the audio frontend's log-mel
@@ -182,6 +188,9 @@ class LipReader(nn.Module, HubMixin, Student):
         audio_stride: time subsampling of the audio frontend (4 -> 25 Hz). n_mels: log-mel bands.
         max_len: longest decoded transcript (characters). dropout: encoder dropout.
         mean, std: per-channel normalisation of [0, 1] frames.
+        vocabulary: the characters the decoder and CTC head predict (``None``: English ``a-z``; a list, a file or a
+            converted corpus folder, see :func:`~xmodal.modalities.transcript.load_vocabulary`). A non-default one
+            is recorded in ``init_args`` as its characters, so a saved model rebuilds without the file.
     """
 
     mean: Tensor
@@ -191,7 +200,7 @@ class LipReader(nn.Module, HubMixin, Student):
         self, dim: int = 256, channels: int = 32, encoder: Literal["gru", "transformer"] = "gru", depth: int = 2,
         heads: int = 4, ctc: bool = False, audio_frontend: bool = False, audio_stride: int = 4, n_mels: int = 40,
         max_len: int = 100, dropout: float = 0.1, mean: Sequence[float] = OPENAI_MEAN,
-        std: Sequence[float] = OPENAI_STD,
+        std: Sequence[float] = OPENAI_STD, vocabulary: VocabularySpec = None,
     ) -> None:
         super().__init__()
         self.init_args: dict[str, Any] = {
@@ -199,7 +208,9 @@ class LipReader(nn.Module, HubMixin, Student):
             "audio_frontend": audio_frontend, "audio_stride": audio_stride, "n_mels": n_mels, "max_len": max_len,
             "dropout": dropout, "mean": list(mean), "std": list(std),
         }
-        self.vocab = CharVocab()
+        self.vocab = load_vocabulary(vocabulary)
+        if not self.vocab.is_default:  # the default stays out, so existing configs and cards are unchanged
+            self.init_args["vocabulary"] = self.vocab.to_json()
         self.max_len = max_len
         self.mix_lambda = 0.0  # MixSpeech ratio of audio in the mixed stream; set by MixSpeechSchedule
         self.register_buffer("mean", torch.tensor(mean).view(1, 1, -1, 1, 1), persistent=False)

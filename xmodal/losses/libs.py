@@ -58,14 +58,15 @@ from xmodal.losses.logits import HardLabelLoss
 from xmodal.losses.normalize import NormOption, target_norm
 from xmodal.modalities.audio import resample_to
 from xmodal.modalities.transcript import (
-    CharVocab,
+    VocabularySpec,
+    check_targets,
     codepoints_to_texts,
     decoder_targets,
+    load_vocabulary,
     normalize_transcript,
     sentence_cer,
 )
 
-_VOCAB = CharVocab()
 HYPOTHESIS_KEYS = ("audio.hypothesis_chars", "audio.hypothesis_chars_mask")  # the filter's default
 
 
@@ -329,19 +330,21 @@ def coverage_penalty(weights: Tensor, s_mask: Tensor, t_mask: Tensor) -> Tensor:
 class CharCELoss(HardLabelLoss):
     """Next-character cross-entropy of a decoder's logits ``B x (L+1) x V`` against ``batch["transcript"]``.
 
-    Targets are the :class:`~xmodal.modalities.transcript.CharVocab` characters then ``<eos>``
+    Targets are the characters of ``vocabulary`` (the student's; ``None``: English ``a-z``) then ``<eos>``
     (:func:`~xmodal.modalities.transcript.decoder_targets`); padding is ignored. Reads no teacher output.
     """
 
     def __init__(
         self, student_key: Keys = "video.char_logits", label_smoothing: float = 0.0, weight: float = 1.0,
-        name: str | None = "char_ce",
+        name: str | None = "char_ce", vocabulary: VocabularySpec = None,
     ) -> None:
         super().__init__(student_key, label_key="char_targets", label_smoothing=label_smoothing, weight=weight,
                          name=name)
+        self.vocab = load_vocabulary(vocabulary)
 
     def forward(self, s: Tensor, t: Any, batch: Batch) -> Tensor:
-        _, targets, _ = decoder_targets(_VOCAB, batch["transcript"])
+        _, targets, lengths = decoder_targets(self.vocab, batch["transcript"])
+        check_targets(self.vocab, batch["transcript"], lengths, s.shape[-1], f"loss {self.name!r}")
         if targets.shape != s.shape[:2]:
             raise ValueError(f"loss {self.name!r}: logits {tuple(s.shape)} do not match targets {tuple(targets.shape)}")
         return super().forward(s, None, {**batch, self.label_key: targets.to(s.device)})
@@ -350,18 +353,21 @@ class CharCELoss(HardLabelLoss):
 class CharCTCLoss(DistillLoss):
     """CTC of per-frame logits ``B x T x V`` (blank 0) against ``batch["transcript"]``, mean over the batch.
 
-    Reads ``student_key = [video.ctc_logits, video.frames_mask]``; no teacher output.
+    Reads ``student_key = [video.ctc_logits, video.frames_mask]``; no teacher output. ``vocabulary``: the
+    student's (``None``: English ``a-z``).
     """
 
     def __init__(
         self, student_key: Keys = ("video.ctc_logits", "video.frames_mask"), weight: float = 1.0,
-        name: str | None = "char_ctc",
+        name: str | None = "char_ctc", vocabulary: VocabularySpec = None,
     ) -> None:
         super().__init__(list(student_key), None, weight, name)
+        self.vocab = load_vocabulary(vocabulary)
 
     def forward(self, s: tuple[Tensor, Tensor], t: Any, batch: Batch) -> Tensor:
         logits, mask = s
-        targets, lengths = _VOCAB.batch_targets(batch["transcript"])
+        targets, lengths = self.vocab.batch_targets(batch["transcript"])
+        check_targets(self.vocab, batch["transcript"], lengths, logits.shape[-1], f"loss {self.name!r}")
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         return F.ctc_loss(log_probs, targets.to(logits.device), mask.sum(1), lengths.to(logits.device),
-                          blank=_VOCAB.blank, reduction="mean", zero_infinity=True)
+                          blank=self.vocab.blank, reduction="mean", zero_infinity=True)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from xmodal.contracts import Batch, DistillLoss, Keys
-from xmodal.modalities.transcript import CharVocab, decoder_targets
+from xmodal.modalities.transcript import VocabularySpec, check_targets, decoder_targets, load_vocabulary
 
 
 def mix_ratio(
@@ -52,24 +52,26 @@ class MixSpeechLoss(DistillLoss):
         kl_weight: weight of the KL regulariser pulling the visual predictions toward the mixed ones.
         temperature: softens both distributions in the KL (scaled back by ``T^2``).
         detach_mixed: the mixed stream is the KL's target (no gradient through it), as a teacher would be.
+        vocabulary: the student's character vocabulary (``None``: English ``a-z``).
     """
 
     def __init__(
         self, student_key: Keys = ("video.char_logits", "av.char_logits"), ce_weight: float = 1.0,
         kl_weight: float = 1.0, temperature: float = 1.0, detach_mixed: bool = True, weight: float = 1.0,
-        name: str | None = "mixspeech",
+        name: str | None = "mixspeech", vocabulary: VocabularySpec = None,
     ) -> None:
         super().__init__(list(student_key), None, weight, name)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.ce_weight, self.kl_weight = ce_weight, kl_weight
         self.temperature, self.detach_mixed = temperature, detach_mixed
-        self.vocab = CharVocab()
+        self.vocab = load_vocabulary(vocabulary)
         self.last_metrics: dict[str, Tensor] = {}
 
     def forward(self, s: tuple[Tensor, Tensor], t: Any, batch: Batch) -> Tensor:
         visual, mixed = s[0].float(), s[1].float()
-        _, targets, _ = decoder_targets(self.vocab, batch["transcript"])
+        _, targets, lengths = decoder_targets(self.vocab, batch["transcript"])
+        check_targets(self.vocab, batch["transcript"], lengths, mixed.shape[-1], f"loss {self.name!r}")
         targets = targets.to(visual.device)
         valid = targets != -100
         ce = torch.nn.functional.cross_entropy(mixed[valid], targets[valid])

@@ -8,18 +8,25 @@ characters. The transcript is normalised with the Unicode-aware
 becomes a space; digits are not spelled out). CMLR video is not a mouth crop: see ``--crop`` and ``--crop-boxes``
 (:mod:`xmodal.data.convert.avspeech`); the default ``full`` keeps the whole frame.
 
-The lip-reading student's character vocabulary is a-z (:class:`xmodal.modalities.transcript.CharVocab`), so a
-recipe that trains on CMLR needs a vocabulary of the corpus' characters; the shards keep the Chinese text as it is.
+The lip-reading student's default character vocabulary is English a-z, so a recipe that trains on CMLR names the
+corpus' own: beside the shards, ``vocabulary.json`` lists the characters of the train split's transcripts, most
+frequent first (:func:`xmodal.modalities.transcript.corpus_vocabulary`); ``configs/lipreading/cmlr.yaml`` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from xmodal.data.convert import avspeech
 from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, read_lines
+from xmodal.data.shards import existing_shards
+from xmodal.modalities.transcript import VOCABULARY_FILE, corpus_vocabulary
 
 SPLITS = ("train", "val", "test")
 LANGUAGE = "zh"
@@ -72,6 +79,23 @@ def build_clips(src: Path, choice: avspeech.CropChoice) -> dict[str, list[avspee
             for split, path in lists.items()}
 
 
+def shard_transcripts(out: Path, split: str) -> Iterator[str]:
+    """The ``txt`` of every sample in the ``{split}-NNNNNN.tar`` shards of ``out``."""
+    for shard in existing_shards(out, split):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                file = tar.extractfile(member) if member.name.endswith(".txt") else None
+                if file is not None:
+                    yield file.read().decode("utf-8")
+
+
+def write_vocabulary(out: Path) -> dict[str, Any]:
+    """``vocabulary.json``: the characters of the written train samples' transcripts, most frequent first."""
+    vocabulary = corpus_vocabulary(shard_transcripts(out, "train"), LANGUAGE)
+    (out / VOCABULARY_FILE).write_text(json.dumps(vocabulary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return {"vocabulary": {"file": VOCABULARY_FILE, "characters": len(vocabulary["chars"])}}
+
+
 class CMLRConverter:
     name = "cmlr"
     help = "CMLR: {train,val,test}.csv + video/, audio/, text/ per clip; Chinese transcripts; mouth crops by --crop"
@@ -82,7 +106,8 @@ class CMLRConverter:
     def build(self, src: Path, args: argparse.Namespace) -> Conversion[avspeech.Clip]:
         choice = avspeech.crop_choice(args.crop, args.crop_boxes)
         clips = build_clips(src, choice)
-        return avspeech.av_conversion(self.name, clips, sample, choice, language=LANGUAGE)
+        conversion = avspeech.av_conversion(self.name, clips, sample, choice, language=LANGUAGE)
+        return dataclasses.replace(conversion, side_files=write_vocabulary)
 
 
 CONVERTERS = [CMLRConverter()]

@@ -32,6 +32,7 @@ from xmodal.modalities.hf_nets import build_model
 from xmodal.teachers.cached import CachedTeacher
 from xmodal.teachers.imagenet import ImageNetTeacher
 from xmodal.teachers.sentence import pool_tokens, resolve_model_path
+from xmodal.zoo.hub import HubMixin
 
 IMAGE_FEATURE = "image.feat"
 
@@ -121,7 +122,7 @@ class LockedTextTower(nn.Module):
         return pool_tokens(hidden, mask, "mean")
 
 
-class LiTCLIP(nn.Module):
+class LiTCLIP(nn.Module, HubMixin):
     """Locked image tower + locked (or last-block-unlocked) text tower + trained projections and logit scale.
 
     Args:

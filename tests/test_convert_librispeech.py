@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,39 +13,16 @@ import pytest
 import soundfile as sf
 import torch
 
+from bench.real_speech import CHAPTER, LIBRIVOX, SPEAKER, librivox_transcripts, make_librispeech
 from tests.test_configs import assert_one_finite_step, record_fits
 from tests.test_convert_data import convert, read_shards
 from xmodal.commands.main import main
 
-LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 ROOT = Path(__file__).resolve().parent.parent
 ASR_CONFIG = ROOT / "configs" / "tiny" / "asr_conformer.yaml"
-SPEAKER, CHAPTER = "1272", "128104"  # LibriSpeech-style ids for the fixture (the recordings are not LibriSpeech's)
 
 needs_librivox = pytest.mark.skipif(not (LIBRIVOX / "transcription").is_file(),
                                     reason="pocketsphinx-testdata is not installed (apt install pocketsphinx-testdata)")
-
-
-def librivox_transcripts() -> dict[str, str]:
-    """Recording name -> transcript, from the ``<s> text </s> (name)`` lines of ``transcription``."""
-    lines = (LIBRIVOX / "transcription").read_text().splitlines()
-    matches = [re.fullmatch(r"<s> (.*) </s> \((.*)\)", line.strip()) for line in lines if line.strip()]
-    return {m.group(2): m.group(1) for m in matches if m is not None}
-
-
-def make_librispeech(root: Path, subset: str = "dev-clean") -> Path:
-    """``root/<subset>/1272/128104/1272-128104-000N.flac`` from the LibriVox WAVs, with ``1272-128104.trans.txt``
-    in LibriSpeech's upper case."""
-    chapter = root / subset / SPEAKER / CHAPTER
-    chapter.mkdir(parents=True)
-    lines = []
-    for n, (name, text) in enumerate(sorted(librivox_transcripts().items())):
-        utterance = f"{SPEAKER}-{CHAPTER}-{n:04d}"
-        wave, rate = sf.read(LIBRIVOX / f"{name}.wav", dtype="int16")
-        sf.write(chapter / f"{utterance}.flac", wave, rate, format="FLAC", subtype="PCM_16")
-        lines.append(f"{utterance} {text.upper()}\n")
-    (chapter / f"{SPEAKER}-{CHAPTER}.trans.txt").write_text("".join(lines))
-    return root
 
 
 @needs_librivox

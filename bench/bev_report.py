@@ -219,6 +219,9 @@ def diagnostics_markdown(results: Mapping[str, Any]) -> str:
              "batch. *earlier*: the losses before issue 23 (MSE features on the neck, relation on the neck, response "
              "at the 9 keypoints, all ×1); *reference*: UniDistill's `camera_exp_distill_lidar` (L1 features on the "
              "pre-backbone map ×100, relation on the neck ×40, Gaussian-masked response ×10).", ""]
+    lines += ["Each measurement is one training batch (batch size of the recipe) of one run, so it shows the scale of "
+              "each term's gradient, not its trend; the students start from the same initialisation, hence the same "
+              "detection gradient at step 0.", ""]
     for step in steps:
         lines += [*diagnostics_table(results, step), ""]
     lines += ["## Seconds per training step (CPU)", "", "| recipe | median s/step | steps | command |",

@@ -50,3 +50,14 @@ def test_asr_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyP
         main(["eval", "asr", "--config", str(tmp_path / "recipe.yaml"), "--list", str(tmp_path / "test.txt"),
               "--plot", str(tmp_path / "plots")])
     assert "\n" not in str(exit_info.value.code)
+
+
+def test_fit_help_lists_only_plugin_classes_for_the_student(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    start = text.index("\n  --model.student STUDENT")
+    block = text[start:text.index("\n  --", start + 1)]
+    listed = re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\.[A-Z]\w*", block.split("known subclasses:")[1])
+    assert "xmodal.students.clip.CLIPStudent" in listed and "xmodal.teachers.open_clip.OpenCLIPTeacher" in listed
+    assert all(path.startswith(("xmodal.modalities.", "xmodal.students.", "xmodal.teachers.")) for path in listed)

@@ -14,6 +14,7 @@ from torch import nn
 
 from xmodal.distiller import ConfigKeyError, Distiller, LegacySchedulerWarning, WarmupCosineLR, build_scheduler
 from xmodal.losses import CLIPContrastiveLoss
+from xmodal.plugins import load_plugins
 
 BASE_LR, STEPS, WARMUP = 0.01, 50, 10
 
@@ -53,10 +54,12 @@ def distiller(**kwargs: Any) -> Distiller:
 
 def parsed_distiller(model_config: dict[str, Any]) -> Distiller:
     """A Distiller built from a config the way ``xmodal fit`` builds it (jsonargparse, class_path injection)."""
+    load_plugins()  # short class names resolve among the imported plug-ins
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(Distiller, "model", sub_configs=True)
-    base = {"student": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 2}},
-            "losses": [{"class_path": "CLIPContrastiveLoss"}],
+    tiny_reader = {"dim": 16, "channels": 4, "depth": 1, "max_len": 12, "dropout": 0.0}
+    base = {"student": {"class_path": "LipReader", "init_args": tiny_reader},
+            "losses": [{"class_path": "CharCELoss"}],
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": BASE_LR}}}
     config = parser.parse_object({"model": {**base, **model_config}})
     return parser.instantiate_classes(config).model

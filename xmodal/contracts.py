@@ -25,7 +25,10 @@ Losses
 from __future__ import annotations
 
 import re
+from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -93,6 +96,55 @@ class Student(Protocol):
     output_keys: tuple[str, ...]
 
     def __call__(self, batch: Batch) -> Outputs: ...
+
+
+PLUGIN_PACKAGES = ("xmodal.modalities.", "xmodal.teachers.", "xmodal.students.")
+
+
+@cache
+def entry_point_modules() -> tuple[str, ...]:
+    """The modules third-party packages register in the ``xmodal.plugins`` entry-point group."""
+    return tuple(point.module for point in entry_points(group="xmodal.plugins"))
+
+
+def is_plugin_module(cls: type) -> bool:
+    """An ``nn.Module`` class defined in xmodal's plug-in packages or in a registered third-party plug-in module."""
+    module = getattr(cls, "__module__", "")
+    return (isinstance(cls, type) and issubclass(cls, nn.Module) and cls is not PluginModule
+            and (module.startswith(PLUGIN_PACKAGES) or module.startswith(entry_point_modules())))
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    direct: list[type] = type.__subclasses__(cls)
+    for sub in direct:
+        found += [sub, *_all_subclasses(sub)]
+    return found
+
+
+class _PluginModules(ABCMeta):
+    """Membership by origin: a class "is" a :class:`PluginModule` when :func:`is_plugin_module` says so."""
+
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        return is_plugin_module(subclass)
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return is_plugin_module(type(instance))
+
+    def __subclasses__(cls) -> list[type]:  # what jsonargparse lists in --help and resolves short names among
+        return list(dict.fromkeys(c for c in _all_subclasses(nn.Module) if is_plugin_module(c)))
+
+
+class PluginModule(nn.Module, metaclass=_PluginModules):
+    """The type of the Distiller's ``student`` and ``teacher``: any ``nn.Module`` of a plug-in (xmodal's
+    modalities, teachers and students, and the modules of ``xmodal.plugins`` entry points), found by where its class
+    is defined rather than by inheritance. So a config's ``class_path`` resolves among, and ``xmodal fit --help``
+    lists, those few dozen classes instead of every ``nn.Module`` that torch, timm and transformers define. What a
+    student or teacher must provide is :class:`Student` and :class:`Teacher`; this type only says where to look.
+    """
+
+    @abstractmethod  # abstract, so that it is no choice itself
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @runtime_checkable

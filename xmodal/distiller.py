@@ -22,7 +22,16 @@ from lightning.pytorch.cli import OptimizerCallable as OptimizerFactory
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from xmodal.contracts import Batch, ConfigKeyError, DistillLoss, Outputs, TaskMetric, Teacher, key_list
+from xmodal.contracts import (
+    Batch,
+    ConfigKeyError,
+    DistillLoss,
+    Outputs,
+    PluginModule,
+    TaskMetric,
+    Teacher,
+    key_list,
+)
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -120,7 +129,9 @@ class Distiller(L.LightningModule):
     """Compose a student, a teacher and losses.
 
     Args:
-        student: the model being trained; ``forward(batch) -> Outputs`` and an ``output_keys`` tuple.
+        student: the model being trained; ``forward(batch) -> Outputs`` and an ``output_keys`` tuple
+            (:class:`~xmodal.contracts.Student`). Typed :class:`~xmodal.contracts.PluginModule` so that a config's
+            ``class_path`` resolves among the plug-ins only; from Python any ``nn.Module`` does.
         losses: the loss terms, each with its keys, weight and name.
         teacher: a frozen teacher (live or :class:`~xmodal.teachers.cached.CachedTeacher`), or ``None``.
         optimizer: a factory ``params -> Optimizer`` (``class_path``/``init_args`` in YAML).
@@ -149,9 +160,9 @@ class Distiller(L.LightningModule):
 
     def __init__(
         self,
-        student: nn.Module,
+        student: PluginModule,
         losses: Sequence[DistillLoss],
-        teacher: nn.Module | None = None,
+        teacher: PluginModule | None = None,
         optimizer: OptimizerFactory = default_optimizer,
         scheduler: SchedulerFactory | Literal["cosine", "constant"] = default_scheduler,
         warmup_steps: int | None = None,

@@ -20,7 +20,8 @@ Every run is a plain ``xmodal fit`` of the recipe with paths, seed, step budget 
 2000 steps), logger, export folder, device and the teacher folder rewritten (written under ``<work>/configs``);
 validation is off. Each exported model (``ExportStudent``) is scored on the test split with
 :func:`xmodal.eval.loops.evaluate_bev` (nuScenes-style mAP, NDS over ATE/ASE/AOE, per-class AP). Finished
-``row/seed`` entries of the results JSON are skipped on a rerun with the same budget and data; a teacher whose
+``row/seed`` entries of the results JSON are skipped on a rerun with the same budget and data and an unchanged
+recipe file (each run stores its recipe's SHA-256, so results of an edited recipe are redone); a teacher whose
 export folder is gone is retrained when a student still needs it. Parameters and CPU ms per sample (one thread,
 batch 1, median) are measured once per model type. Results: ``bench/results/bev.{json,md}``
 (``bench/bev_report.py``).
@@ -29,6 +30,7 @@ batch 1, median) are measured once per model type. Results: ``bench/results/bev.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -186,9 +188,15 @@ def same_budget(previous: dict[str, Any], settings: dict[str, Any]) -> bool:
     return all(previous.get("config", {}).get(k) == settings[k] for k in ("steps", "teacher_steps", "data", "smoke"))
 
 
+def recipe_sha256(row: str) -> str:
+    """Fingerprint of a row's recipe file: a finished run of an edited recipe is stale."""
+    return hashlib.sha256((CONFIGS / ROWS[row].recipe).read_bytes()).hexdigest()
+
+
 def must_run(bench: Bench, runs: dict[str, Any], rows: Sequence[str], run: Run) -> bool:
-    """A run is done once it is in the results; a teacher is rerun when its export is gone and a student waits."""
-    if run.key not in runs:
+    """A run is done once it is in the results with its recipe unchanged since; a teacher is rerun when its export
+    is gone and a student waits."""
+    if run.key not in runs or runs[run.key].get("recipe_sha256") != recipe_sha256(run.method):
         return True
     waiting = [r for r in rows if ROWS[r].teacher == run.method and Run(r, run.seed).key not in runs]
     return bool(waiting) and not (bench.export(run.method, run.seed) / "config.json").is_file()
@@ -199,7 +207,7 @@ def run_row(bench: Bench, results: dict[str, Any], run: Run) -> dict[str, Any]:
     train = bench.fit(run.method, run.seed)
     config = Path(train["config"])
     entry = {"row": run.method, "seed": run.seed, "export": str(bench.export(run.method, run.seed)), "train": train,
-             "eval": bench.evaluate(run.method, run.seed, config)}
+             "eval": bench.evaluate(run.method, run.seed, config), "recipe_sha256": recipe_sha256(run.method)}
     kind = model_type(run.method)
     if kind not in results["models"]:
         results["models"][kind] = bench.cost(run.method, run.seed, config)

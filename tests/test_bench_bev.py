@@ -127,3 +127,16 @@ def test_diagnostics_recipes_and_their_table(tmp_path: Path) -> None:
     report = diagnostics_markdown(results)
     assert "| unidistill_feature | 1 | 0.5 | 0.1 | 100 | – | – |" in report
     assert "| unidistill_feature | 1 | 0.25 | -0.2 |" in report and "| earlier | 1.5 | 21 | `c` |" in report
+
+
+def test_a_run_of_an_edited_recipe_is_redone(tmp_path: Path) -> None:
+    from typing import cast
+
+    from bench.harness import Run
+
+    bench = cast(bev.Bench, None)  # only a teacher's rerun looks at the bench's export folders
+    run = Run("camera_alone", 0)
+    current = {"camera_alone/seed0": {"recipe_sha256": bev.recipe_sha256("camera_alone")}}
+    assert not bev.must_run(bench, current, ["camera_alone"], run)
+    assert bev.must_run(bench, {"camera_alone/seed0": {"recipe_sha256": "0" * 64}}, ["camera_alone"], run)
+    assert bev.must_run(bench, {"camera_alone/seed0": {}}, ["camera_alone"], run)  # from before the fingerprint

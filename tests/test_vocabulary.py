@@ -82,10 +82,22 @@ def test_missing_or_malformed_vocabulary_files_are_named(tmp_path: Path) -> None
         load_vocabulary(str(tmp_path / "bad.json"))
 
 
-def test_a_student_saves_its_vocabulary_and_losses_check_theirs() -> None:
+def test_cer_on_chinese_counts_characters() -> None:
+    from xmodal.eval.metrics import error_rates
+
+    rates = error_rates(["今天，中央气象台。"], ["今天中央气象"], "zh")  # reference "今天 中央气象台": 8 characters
+    assert rates["cer"] == pytest.approx(2 / 8)  # the space and 台 missing
+    assert rates["wer"] == 1.0  # whitespace runs, not words: WER is no measure for Mandarin
+
+
+def test_a_student_saves_its_vocabulary_and_losses_check_theirs(tmp_path: Path) -> None:
+    from xmodal.zoo import create_model
+
     spec = {"chars": ["今", "天", " "], "language": "zh"}
     student = LipReader(dim=16, channels=4, depth=1, vocabulary=spec)
-    assert student.init_args["vocabulary"] == spec and LipReader(**student.init_args).vocab.itos == student.vocab.itos
+    student.save_pretrained(tmp_path / "student")
+    assert student.init_args["vocabulary"] == spec
+    assert create_model(str(tmp_path / "student")).vocab.itos == student.vocab.itos  # rebuilt without the file
     logits = torch.zeros(1, 5, len(student.vocab))  # 4 characters and <eos>
     batch = {"transcript": ["今天 天"]}
     assert torch.isfinite(CharCELoss(vocabulary=spec)(logits, None, batch))

@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m bench.text_distill
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check xmodal modalities teachers students tests bench
+	$(VENV)/bin/ruff check xmodal modalities teachers students tests bench examples
 	$(VENV)/bin/mypy
 
 clean:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from bench.harness import CONFIGS, RESULTS, ROOT, fit, machine_info, save_json, xmodal
+from bench.harness import CONFIGS, RESULTS, ROOT, fit, machine_info, save_json, write_config, xmodal
 from bench.report import md_table
 from xmodal.data.decoders import decode_npy
 from xmodal.data.eval_sets import iter_tar_samples, write_fewshot_shards
@@ -45,6 +46,11 @@ CACHES = {"train": ("runs/lit/fashion-mnist/base/train-{000000..000009}.tar", WO
           "val": (f"{DATA}/val-{{000000..000001}}.tar", WORK / "cache_val"),
           "test": (f"{DATA}/test-*.tar", WORK / "cache_test")}
 FLOOR_SEEDS = (0, 1, 2)
+# ablations (``--variants``): the recipe with these student args and distiller options, exported elsewhere
+VARIANTS: dict[str, dict[str, Any]] = {
+    "last_text_block": {"student": {"train_text_last_block": True}, "model": {"param_lr": {"text_tower": 1.0e-4}},
+                        "label": "LiT, last MiniLM block unlocked (lr 1e-4)"},
+}
 CHECK_SHARD = f"{DATA}/test-000000.tar"
 
 
@@ -118,7 +124,28 @@ def eval_commands(out: Path) -> dict[str, Any]:
     return results
 
 
-def run(refit: bool, fit_seconds: float | None, fit_cpu_seconds: float | None) -> dict[str, Any]:
+def variant_config(name: str) -> tuple[Path, Path]:
+    """The recipe changed as ``VARIANTS[name]`` says, written under ``runs/lit``; returns it and its export folder."""
+    spec = VARIANTS[name]
+    config = yaml.safe_load(RECIPE.read_text())
+    config["model"]["student"]["init_args"].update(spec["student"])
+    config["model"].update(spec["model"])
+    export = Path(f"{EXPORT}-{name.replace('_', '-')}")
+    config["trainer"]["callbacks"][0]["init_args"]["out_dir"] = str(export)
+    config["trainer"]["logger"]["init_args"]["name"] = f"lit_fashion_mnist_{name}"
+    return write_config(config, Path("runs/lit") / f"lit_{name}.yaml"), export
+
+
+def run_variant(name: str, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    config, export = variant_config(name)
+    fit_seconds = round(fit(config), 1) if not (export / "model.safetensors").is_file() else None
+    model = create_model(str(export))
+    assert isinstance(model, LiTCLIP)
+    return {"label": VARIANTS[name]["label"], "config": VARIANTS[name], "export": str(export),
+            "fit_seconds": fit_seconds, "metrics": zero_shot(model, features, labels)}
+
+
+def run(refit: bool, fit_seconds: float | None, fit_cpu_seconds: float | None, variants: bool) -> dict[str, Any]:
     cache_seconds = prepare()
     if refit or not (EXPORT / "model.safetensors").is_file():
         fit_seconds, fit_cpu_seconds = round(fit(RECIPE), 1), None
@@ -133,6 +160,7 @@ def run(refit: bool, fit_seconds: float | None, fit_cpu_seconds: float | None) -
         "trained": zero_shot(trained, features, labels), "floor_mean": floor, "floor_per_seed": floors,
         "check_shard": {"shard": CHECK_SHARD, "cached_features": check_shard_metrics(trained, features, labels, keys),
                         "xmodal_eval": eval_commands(WORK / "eval")},
+        "variants": {name: run_variant(name, features, labels) for name in VARIANTS} if variants else {},
         "seconds": {"cache": cache_seconds, "fit": fit_seconds, "fit_cpu": fit_cpu_seconds}, "machine": machine_info(),
     }
 
@@ -141,6 +169,7 @@ def report(result: dict[str, Any]) -> str:
     keys = ["all10", "base", "novel", "hm", "novel_in_all10"]
     floor = f"floor: untrained projections (mean of {len(FLOOR_SEEDS)} seeds)"
     rows = [["LiT (trained projections)", *(result["trained"][k] for k in keys)],
+            *([v["label"], *(v["metrics"][k] for k in keys)] for v in result.get("variants", {}).values()),
             [floor, *(result["floor_mean"][k] for k in keys)]]
     check = result["check_shard"]
     evals = check["xmodal_eval"]
@@ -173,12 +202,13 @@ def main() -> None:
     parser.add_argument("--fit-seconds", type=float, help="wall time of an `xmodal fit` run outside this script "
                         "(e.g. /usr/bin/time's), recorded when the export already exists")
     parser.add_argument("--fit-cpu-seconds", type=float, help="its user + system CPU time, likewise")
+    parser.add_argument("--variants", action="store_true", help="also train and score the VARIANTS ablations")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the existing JSON")
     args = parser.parse_args()
     if args.report_only:
         result = json.loads((RESULTS / "lit_teacher.json").read_text())
     else:
-        result = run(args.refit, args.fit_seconds, args.fit_cpu_seconds)
+        result = run(args.refit, args.fit_seconds, args.fit_cpu_seconds, args.variants)
     save_json(result, RESULTS / "lit_teacher.json")
     (RESULTS / "lit_teacher.md").write_text(report(result))
     print(report(result))

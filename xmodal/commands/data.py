@@ -16,14 +16,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from xmodal.sources import module_dict_keys
+
 
 def data_main(argv: Sequence[str]) -> None:
-    from xmodal.data.corpora import CORPORA, make_corpus
-
+    corpora = module_dict_keys("xmodal.data.corpora", "CORPORA")  # read, not imported: `--help` needs no torch
     parser = argparse.ArgumentParser(prog="xmodal data", description="Build offline corpora as WebDataset shards.")
     verbs = parser.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("make", help="generate a corpus")
-    make.add_argument("name", help=f"one of: {', '.join(sorted(CORPORA))}")
+    make.add_argument("name", help=f"one of: {', '.join(sorted(corpora))}")
     make.add_argument("--out", required=True, help="output folder for shards, classes.json, tokenizer/ and meta.json")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--image-size", type=int)
@@ -43,6 +44,8 @@ def data_main(argv: Sequence[str]) -> None:
     if args.verb == "convert":
         _convert(args)
         return
+    from xmodal.data.corpora import CORPORA, make_corpus
+
     options = {k: v for k, v in vars(args).items() if k not in ("verb", "name", "out") and v is not None}
     if args.name in CORPORA:
         accepted = inspect.signature(CORPORA[args.name]).parameters

@@ -20,13 +20,12 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 import yaml
 
-from xmodal.contracts import count_params
-from xmodal.students.clip import CLIPStudent
+if TYPE_CHECKING:  # torch is imported where used: `xmodal demo --help` answers at once
+    from xmodal.students.clip import CLIPStudent
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "clip_compression"
 DEFAULT_OUT = "runs/demo"
@@ -74,6 +73,8 @@ def config_digest(path: Path) -> str:
 
 def ms_per_image(model: CLIPStudent, image_size: int, batch: int = 64, repeats: int = 10) -> float:
     """Median CPU milliseconds per image of ``embed_images`` on a uint8 batch (threads as configured)."""
+    import torch
+
     model = model.cpu().eval()
     images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
     times = []
@@ -103,6 +104,8 @@ def evaluate(model: CLIPStudent, data: Path, image_size: int) -> dict[str, float
 
 
 def describe(name: str, model: CLIPStudent, data: Path, seed: int | None, seconds: float | None) -> dict[str, Any]:
+    from xmodal.contracts import count_params
+
     image_size = model.normalize.size
     row: dict[str, Any] = {"model": name, "seed": seed,
                            "params": count_params(model.model), "image_params": count_params(model.model.visual),
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", default=[0, 1], type=int, nargs="+")
     parser.add_argument("--n-train", default=20000, type=int)
     args = parser.parse_args(argv)
+    import torch
+
     started = time.perf_counter()
     out: Path = args.out
     ensure_corpus(args.data, args.n_train)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from xmodal.zoo import register_model
 
     def create_model(path: str) -> CLIPStudent:
-        return cast(CLIPStudent, create(path))
+        return cast("CLIPStudent", create(path))
 
     rows = [describe("teacher", create_model(str(out / "teacher")), args.data, 0, teacher_seconds)]
     for seed in args.seeds:

@@ -23,64 +23,18 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from xmodal.commands.eval_args import build_parser
+from xmodal.commands.eval_common import PROG, emit_results, format_table, load_model, model_image_size
 
-from xmodal.commands.eval_asr import add_asr_parser, run_asr
-from xmodal.commands.eval_base2novel import add_base2novel_parser, run_base2novel
-from xmodal.commands.eval_bev import add_bev_parser, run_bev
-from xmodal.commands.eval_common import (
-    PROG,
-    add_common,
-    add_model,
-    emit_results,
-    format_table,
-    load_model,
-    model_image_size,
-)
-from xmodal.data.wds import LossTally
-from xmodal.eval.formats import read_classes
-from xmodal.eval.zeroshot import SIMPLE_TEMPLATES, DualEncoder
+if TYPE_CHECKING:
+    from xmodal.data.wds import LossTally
+    from xmodal.eval.zeroshot import DualEncoder
 
-Run = tuple[dict[str, Any], str, LossTally]  # metrics, dataset description, what the shards lost
+    Run = tuple[dict[str, Any], str, LossTally]  # metrics, dataset description, what the shards lost
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Zero-shot classification and retrieval benchmarks.")
-    tasks = parser.add_subparsers(dest="task", required=True)
-
-    zeroshot = tasks.add_parser("zeroshot", help="zero-shot top-1/top-5 accuracy")
-    add_model(zeroshot)
-    source = zeroshot.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", metavar="PATTERN",
-                        help="WebDataset shard pattern (brace/glob) with png/jpg and a json 'label'")
-    source.add_argument("--folder", metavar="DIR", help="ImageNet-style folder: DIR/<class_name>/*.jpg")
-    zeroshot.add_argument("--classes", metavar="JSON",
-                          help='{"classes": [...], "templates": [...]} or a list of names; required with --shards, '
-                          "optional with --folder (default: folder names)")
-    zeroshot.add_argument("--templates", nargs="+", metavar="TEMPLATE",
-                          help="prompt templates with a {} placeholder (default: the --classes JSON's, "
-                          "else 'a photo of a {}.')")
-    add_common(zeroshot)
-    zeroshot.set_defaults(subparser=zeroshot)
-
-    retrieval = tasks.add_parser("retrieval", help="image<->text recall@1/5/10")
-    add_model(retrieval)
-    source = retrieval.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", metavar="PATTERN",
-                        help="WebDataset shard pattern with png/jpg and txt (one caption per image)")
-    source.add_argument("--captions-json", metavar="FILE", help="Karpathy-split or COCO-annotations caption file")
-    retrieval.add_argument("--image-root", metavar="DIR", help="folder the caption file's image paths are relative to")
-    retrieval.add_argument("--split", help="Karpathy split to keep (default: 'test' when the file has splits, "
-                           "else every image; 'all' keeps every image)")
-    add_common(retrieval)
-    retrieval.set_defaults(subparser=retrieval)
-
-    add_base2novel_parser(tasks)
-    add_asr_parser(tasks)
-    add_bev_parser(tasks)
-    return parser
+# Model code (torch) is imported after parsing, so that `xmodal eval [TASK] --help` answers at once.
 
 
 def eval_main(argv: Sequence[str]) -> None:
@@ -88,14 +42,22 @@ def eval_main(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(list(argv))
     task: argparse.ArgumentParser = args.subparser  # errors are reported with the task's usage line
     if args.task == "asr":
+        from xmodal.commands.eval_asr import run_asr
+
         run_asr(task, args)
         return
     if args.task == "bev":
+        from xmodal.commands.eval_bev import run_bev
+
         run_bev(task, args)
         return
     check_args(task, args)
     if args.task == "base2novel":
+        from xmodal.commands.eval_base2novel import run_base2novel
+
         return run_base2novel(task, args)
+    import torch
+
     model = load_model(task, args.model)
     image_size = args.image_size or model_image_size(task, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +88,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
     from xmodal.data.eval_sets import shard_loader
+    from xmodal.data.wds import LossTally
+    from xmodal.eval.formats import read_classes
     from xmodal.eval.loops import evaluate_zeroshot, evaluate_zeroshot_folder
+    from xmodal.eval.zeroshot import SIMPLE_TEMPLATES
 
     classnames, json_templates = read_classes(args.classes) if args.classes else (None, None)
     templates = args.templates or json_templates or list(SIMPLE_TEMPLATES)
@@ -142,6 +107,7 @@ def run_zeroshot(model: DualEncoder, args: argparse.Namespace, image_size: int, 
 
 def run_retrieval(model: DualEncoder, args: argparse.Namespace, image_size: int, device: str) -> Run:
     from xmodal.data.eval_sets import shard_loader
+    from xmodal.data.wds import LossTally
     from xmodal.eval.loops import evaluate_retrieval, evaluate_retrieval_json
 
     if args.shards:

@@ -34,30 +34,6 @@ from xmodal.render import alignment_maps, plot_alignments
 from xmodal.zoo.loading import load_distiller
 
 
-def add_asr_parser(tasks: Any) -> argparse.ArgumentParser:
-    """Add the ``asr`` subcommand to ``xmodal eval``'s subparsers."""
-    asr = tasks.add_parser("asr", help="lip-reading CER/WER (greedy and beam) and alignment plots")
-    model = asr.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", metavar="NAME_OR_DIR", help="zoo name or folder of a LipReader")
-    model.add_argument("--config", metavar="YAML", help="training recipe (rebuilds student, teacher and losses)")
-    asr.add_argument("--checkpoint", metavar="CKPT", help="Lightning checkpoint of --config's run")
-    source = asr.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", metavar="PATTERN", help="WebDataset shards with mp4 + txt (+ flac for --plot)")
-    source.add_argument("--list", metavar="FILE", help="file list: 'relative/video/path transcript...' per line")
-    asr.add_argument("--root", metavar="DIR", help="folder --list paths are relative to (default: the list's)")
-    asr.add_argument("--beam-size", type=int, default=4, metavar="K", help="beam width; 1 = greedy only")
-    asr.add_argument("--num-frames", type=int, default=75, metavar="N", help="most frames per clip (75 = 3 s)")
-    asr.add_argument("--size", type=int, default=64, metavar="PX", help="frame side (64 = the recipe's)")
-    asr.add_argument("--fps", type=float, default=25.0, help="frame rate clips are re-timed to")
-    asr.add_argument("--plot", metavar="DIR", help="write DIR/alignment.png (needs --config and audio)")
-    asr.add_argument("--plot-count", type=int, default=4, metavar="N", help="utterances in the plot")
-    asr.add_argument("--batch-size", type=int, default=16, metavar="N")
-    asr.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
-    asr.add_argument("--out", metavar="FILE", help="write the results JSON here")
-    asr.set_defaults(subparser=asr)
-    return asr
-
-
 def asr_modalities(args: argparse.Namespace, with_audio: bool) -> list[Any]:
     from xmodal.modalities.audio import AudioModality
     from xmodal.modalities.transcript import TranscriptModality

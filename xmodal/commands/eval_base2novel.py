@@ -8,29 +8,12 @@ from typing import Any, cast
 import torch
 
 from xmodal.classvectors import load_class_vectors
-from xmodal.commands.eval_common import PROG, add_common, add_model, emit_results, format_table, model_image_size
+from xmodal.commands.eval_common import PROG, emit_results, format_table, model_image_size
 from xmodal.data.eval_sets import folder_loader, shard_loader
 from xmodal.data.wds import CountedBatches, LossTally
 from xmodal.eval.base2novel import read_split
 from xmodal.eval.loops import evaluate_base2novel
 from xmodal.eval.zeroshot import SIMPLE_TEMPLATES
-
-
-def add_base2novel_parser(tasks: Any) -> None:
-    """Add the ``base2novel`` task to ``xmodal eval``'s sub-parsers."""
-    task = tasks.add_parser("base2novel", help="base / novel / harmonic-mean top-1 accuracy (base-to-novel)")
-    add_model(task)
-    source = task.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", metavar="PATTERN", help="WebDataset shards with png/jpg and a json 'label'")
-    source.add_argument("--folder", metavar="DIR", help="ImageNet-style folder: DIR/<class_name>/*.png")
-    task.add_argument("--split", required=True, metavar="JSON",
-                      help='class split: {"classes": [...], "base": [indices], "novel": [indices]}')
-    task.add_argument("--class-vectors", metavar="FILE",
-                      help="classify against this stored class vectors file (default: the model's own classifier)")
-    task.add_argument("--templates", nargs="+", metavar="TEMPLATE",
-                      help="zero-shot prompt templates for plain CLIPs (default: 'a photo of a {}.')")
-    add_common(task)
-    task.set_defaults(subparser=task)
 
 
 def run_base2novel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -30,49 +30,6 @@ from xmodal.render import DEFAULT_GRID_RANGE, BEVRenders
 from xmodal.zoo.loading import load_detector
 
 
-def add_bev_parser(tasks: Any) -> argparse.ArgumentParser:
-    """Add the ``bev`` subcommand to ``xmodal eval``'s subparsers."""
-    bev = tasks.add_parser("bev", help="nuScenes-style 3D detection mAP/NDS (TP errors ATE/ASE/AOE) and BEV renders")
-    source = bev.add_mutually_exclusive_group()
-    source.add_argument("--results", metavar="JSON", help="nuScenes results JSON to score (no model needed)")
-    source.add_argument("--model", metavar="NAME_OR_DIR",
-                        help="exported detector folder (ExportStudent's) or zoo name")
-    bev.add_argument("--config", metavar="YAML",
-                     help="training recipe: its data BEVModality settings, and without --model its model section")
-    bev.add_argument("--checkpoint", metavar="CKPT", help="Lightning checkpoint of --config's run (without --model)")
-    bev.add_argument("--part", choices=("student", "teacher"), default="student",
-                     help="which model of --config's recipe to score (default: student)")
-    bev.add_argument("--shards", required=True, metavar="PATTERN", help="ground-truth BEV shards (brace/glob)")
-    bev.add_argument("--classes", nargs="+", metavar="NAME",
-                     help="class names in label order (default: the recipe's BEVModality classes, else the "
-                     f"model's grid classes, else {' '.join(DEFAULT_CLASSES)})")
-    bev.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                     help="camera images are resized to this (default: the recipe's, else as stored)")
-    bev.add_argument("--max-points", type=int, metavar="N", help="most LiDAR points per sweep (default: the recipe's)")
-    bev.add_argument("--max-range", type=float, metavar="M",
-                     help="ignore boxes M metres or farther (BEV) from the ego")
-    bev.add_argument("--min-gt-points", type=int, default=1, metavar="N",
-                     help="ignore ground truth with fewer LiDAR points, where the batches carry box_points")
-    bev.add_argument("--keep-empty-classes", action="store_true",
-                     help="score classes without ground truth as AP 0, errors 1 (the devkit's way) instead of "
-                     "leaving them out")
-    bev.add_argument("--write-results", metavar="JSON", help="with a model: write its predictions as nuScenes results")
-    bev.add_argument("--sensors", nargs="+", choices=("camera", "lidar", "radar"),
-                     help="sensors the model used, for the written results' meta (default: the model's inputs)")
-    bev.add_argument("--render", type=int, default=0, metavar="N", help="render the first N samples as PNG")
-    bev.add_argument("--render-dir", metavar="DIR", help="folder for --render's PNGs")
-    bev.add_argument("--score-threshold", type=float, default=0.3, metavar="S",
-                     help="lowest score of a rendered prediction")
-    bev.add_argument("--grid-range", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
-                     help="extent of the renders in metres (default: the model's grid, else -32 -32 32 32)")
-    bev.add_argument("--batch-size", type=int, default=8, metavar="N")
-    bev.add_argument("--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes")
-    bev.add_argument("--device", help="cpu, cuda... (default: cuda when available)")
-    bev.add_argument("--out", metavar="FILE", help="write the results JSON here")
-    bev.set_defaults(subparser=bev)
-    return bev
-
-
 def check_bev_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; ``parser.error`` exits with status 2."""
     if not (args.results or args.model or args.config):

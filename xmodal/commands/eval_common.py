@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from xmodal.eval.zeroshot import DualEncoder
+if TYPE_CHECKING:
+    from xmodal.eval.zeroshot import DualEncoder
 
 PROG = "xmodal eval"
 
@@ -35,7 +36,7 @@ def load_model(parser: argparse.ArgumentParser, name_or_path: str) -> DualEncode
         parser.error(f"--model {name_or_path}: {error}")
     if not (hasattr(model, "embed_images") and hasattr(model, "embed_texts")):
         parser.error(f"--model {name_or_path}: {type(model).__name__} has no embed_images/embed_texts")
-    return cast(DualEncoder, model)
+    return cast("DualEncoder", model)
 
 
 def model_image_size(parser: argparse.ArgumentParser, model: DualEncoder) -> int:

@@ -16,15 +16,12 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from xmodal.commands.lightning import DESCRIPTION, XmodalCLI
-from xmodal.data.stats import TeacherStats
-from xmodal.data.wds import WdsDataModule, move_batch, prepare_on_device
-from xmodal.distiller import Distiller
-from xmodal.plugins import load_plugins
+if TYPE_CHECKING:  # imported where used: `xmodal stats --help` loads neither torch nor Lightning
+    from xmodal.data.stats import TeacherStats
+    from xmodal.data.wds import WdsDataModule
+    from xmodal.distiller import Distiller
 
 SPLITS = ("train", "val", "test", "predict")
 
@@ -37,13 +34,18 @@ def stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=20, help="batches to run the teacher over (default 20)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="data split (default train)")
     parser.add_argument("--out", type=Path, default=None, help="write the statistics here as JSON")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device")  # default: cuda when available, decided after parsing (it needs torch)
     parser.add_argument("--augment", action="store_true", help="use the modalities' training transform")
     return parser
 
 
 def build_recipe(argv: Sequence[str]) -> tuple[Distiller, WdsDataModule]:
     """The recipe's Distiller and DataModule, instantiated by the CLI that ``xmodal fit`` uses."""
+    from xmodal.commands.lightning import DESCRIPTION, XmodalCLI
+    from xmodal.data.wds import WdsDataModule
+    from xmodal.distiller import Distiller
+    from xmodal.plugins import load_plugins
+
     load_plugins()
     cli = XmodalCLI(
         Distiller, WdsDataModule, args=list(argv), run=False, seed_everything_default=0,
@@ -55,6 +57,11 @@ def build_recipe(argv: Sequence[str]) -> tuple[Distiller, WdsDataModule]:
 def teacher_statistics(model: Distiller, data: WdsDataModule, split: str, batches: int, device: str,
                        augment: bool = False) -> tuple[TeacherStats, int]:
     """Statistics of the teacher's outputs over ``batches`` batches of ``split``, and how many batches it saw."""
+    import torch
+
+    from xmodal.data.stats import TeacherStats
+    from xmodal.data.wds import move_batch, prepare_on_device
+
     if model.teacher is None or not isinstance(model.teacher, torch.nn.Module):
         raise SystemExit("xmodal stats: the recipe has no teacher (model.teacher)")
     model.to(device)
@@ -75,8 +82,11 @@ def teacher_statistics(model: Distiller, data: WdsDataModule, split: str, batche
 
 def stats_main(argv: Sequence[str]) -> None:
     options, rest = stats_parser().parse_known_args(list(argv))
+    import torch
+
     model, data = build_recipe(rest)
-    stats, seen = teacher_statistics(model, data, options.split, options.batches, options.device, options.augment)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stats, seen = teacher_statistics(model, data, options.split, options.batches, device, options.augment)
     print(f"teacher outputs over {seen} {options.split} batch(es):")
     print(stats.table())
     if options.out is not None:

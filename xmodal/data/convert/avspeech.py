@@ -49,7 +49,14 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, sample_key
-from xmodal.data.corpora.avspeech import FPS, ROI_SIZE, SAMPLE_RATE
+from xmodal.sources import module_constant
+
+# The corpus's clip format, read from its module's source: importing xmodal.data.corpora imports torch, which
+# `xmodal data convert FORMAT --help` should not wait for.
+CORPUS_MODULE = "xmodal.data.corpora.avspeech"
+FPS: int = module_constant(CORPUS_MODULE, "FPS")
+ROI_SIZE: int = module_constant(CORPUS_MODULE, "ROI_SIZE")
+SAMPLE_RATE: int = module_constant(CORPUS_MODULE, "SAMPLE_RATE")
 
 Box = tuple[float, float, float, float]
 Crop = Box | tuple[Box, ...] | None  # one box for the clip, one per source frame, or None for the whole frame

@@ -26,12 +26,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
-from xmodal.data.corpora.writer import SamplePool, default_workers
-from xmodal.data.shards import SHARD_DIGITS, existing_shards, shard_pattern, write_shards
+if TYPE_CHECKING:  # the shard writers import torch (through webdataset): imported where used, after parsing
+    from xmodal.data.corpora.writer import SamplePool
 
 Job = TypeVar("Job")
 Sample = dict[str, Any]
@@ -181,6 +181,8 @@ def run_conversion(conversion: Conversion[Job], out: str | Path, *, workers: int
         _write_json(folder / MANIFEST, _manifest(conversion, by_split, complete=False))
 
     attempt = functools.partial(_attempt, conversion.sample)
+    from xmodal.data.corpora.writer import SamplePool, default_workers
+
     with SamplePool(attempt, default_workers(workers), CHUNKSIZE) as pool:
         for split, jobs in conversion.splits.items():
             records[split] = []
@@ -212,6 +214,8 @@ class _Shards:
               earlier: Mapping[str, dict[str, Any]]) -> Iterator[tuple[dict[str, Any], bool]]:
         """Write the shards whose jobs changed since ``earlier`` (records by shard name); yields every shard's
         record in order, and whether it was written now."""
+        from xmodal.data.shards import SHARD_DIGITS, existing_shards
+
         chunks = [jobs[i:i + self.size] for i in range(0, len(jobs), self.size)]
         names = [f"{self.split}-{k:0{SHARD_DIGITS}d}.tar" for k in range(len(chunks))]
         digests = [_jobs_digest(conversion, chunk) for chunk in chunks]
@@ -230,6 +234,8 @@ class _Shards:
 
     def _write_one(self, number: int, results: Iterator[Sample], digest: str,
                    bar: tqdm) -> dict[str, Any]:
+        from xmodal.data.shards import write_shards
+
         skips = _Skips()
         written = 0
 
@@ -288,6 +294,8 @@ def _manifest(conversion: Conversion[Job], records: dict[str, list[dict[str, Any
 def _meta(conversion: Conversion[Job], manifest: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``meta.json`` in the corpora's form (``corpus``, ``counts``, ``patterns``, ``shards``), plus the side files'
     fields, so that what reads a generated corpus' ``meta.json`` reads a converted one alike."""
+    from xmodal.data.shards import shard_pattern
+
     patterns = {split: shard_pattern([r["name"] for r in records]) if records else None
                 for split, records in manifest["shards"].items()}
     shards = {split: len(records) for split, records in manifest["shards"].items()}

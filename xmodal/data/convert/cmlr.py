@@ -25,8 +25,6 @@ from typing import Any
 
 from xmodal.data.convert import avspeech
 from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, read_lines
-from xmodal.data.shards import existing_shards
-from xmodal.modalities.transcript import VOCABULARY_FILE, corpus_vocabulary
 
 SPLITS = ("train", "val", "test")
 LANGUAGE = "zh"
@@ -81,6 +79,8 @@ def build_clips(src: Path, choice: avspeech.CropChoice) -> dict[str, list[avspee
 
 def shard_transcripts(out: Path, split: str) -> Iterator[str]:
     """The ``txt`` of every sample in the ``{split}-NNNNNN.tar`` shards of ``out``."""
+    from xmodal.data.shards import existing_shards  # imports torch (through webdataset): not at module level
+
     for shard in existing_shards(out, split):
         with tarfile.open(shard) as tar:
             for member in tar:
@@ -91,6 +91,8 @@ def shard_transcripts(out: Path, split: str) -> Iterator[str]:
 
 def write_vocabulary(out: Path) -> dict[str, Any]:
     """``vocabulary.json``: the characters of the written train samples' transcripts, most frequent first."""
+    from xmodal.modalities.transcript import VOCABULARY_FILE, corpus_vocabulary  # imports torch
+
     vocabulary = corpus_vocabulary(shard_transcripts(out, "train"), LANGUAGE)
     (out / VOCABULARY_FILE).write_text(json.dumps(vocabulary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return {"vocabulary": {"file": VOCABULARY_FILE, "characters": len(vocabulary["chars"])}}

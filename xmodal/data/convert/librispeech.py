@@ -32,7 +32,6 @@ import numpy as np
 import soundfile as sf
 
 from xmodal.data.convert.base import Conversion, ConvertError, Sample, SkipSample, read_lines
-from xmodal.modalities.transcript import normalize_transcript
 
 SAMPLE_RATE = 16000
 SPLIT_PREFIXES = {"train": "train", "dev": "val", "test": "test"}  # subset name prefix -> split
@@ -54,6 +53,8 @@ class Utterance:
 
 def speech_sample(job: Utterance, sample_rate: int = SAMPLE_RATE) -> Sample:
     """The shard sample of ``job`` (fields in the module docstring)."""
+    from xmodal.modalities.transcript import normalize_transcript  # imports torch: not at module level
+
     if job.text is None:
         raise SkipSample(job.transcripts, "missing transcript file")
     flac, source_rate, seconds = read_audio(Path(job.audio), sample_rate)

@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.convert.base import Conversion, ConvertError, SkipSample, read_json
-from xmodal.data.corpora import bevscenes
 
 LIDAR = "LIDAR_TOP"
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -466,6 +465,8 @@ class NuScenesConverter:
         splits, how = choose_splits(root.name, args.split_file, scene_names)
         options = Options(args.sweeps, not args.no_cameras, args.image_height, args.classes)
         frames = build_frames(src, tables, splits, options)
+        from xmodal.data.corpora import bevscenes  # imports torch: not at module level, so that --help needs none
+
         classes = list(NUSCENES_CLASSES if args.classes == "nuscenes" else bevscenes.CLASSES)
         left_out = sorted(set(scene_names) - {name for names in splits.values() for name in names})
         return Conversion(

@@ -113,11 +113,12 @@ def test_a_trial_writes_logs_checkpoints_and_exports_in_its_folder(tmp_path: Pat
     trial = redirect_outputs(recipe, tmp_path / "trial")
     trainer = trial["trainer"]
     assert trainer["default_root_dir"] == str(tmp_path / "trial")
-    assert trainer["logger"]["init_args"]["save_dir"] == str(tmp_path / "trial" / "lipreading")
-    export, checkpoint = trainer["callbacks"]
+    assert trainer["logger"]["init_args"]["save_dir"] == str(tmp_path / "trial" / "logs")
+    by_class = {callback["class_path"].rsplit(".", 1)[-1]: callback for callback in trainer["callbacks"]}
+    export, checkpoint = by_class["ExportStudent"], by_class["ModelCheckpoint"]
     assert export["init_args"]["out_dir"] == str(tmp_path / "trial" / "student")
     assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "trial" / "ckpt")
-    assert recipe["trainer"]["logger"]["init_args"]["save_dir"] == "runs/lipreading"  # the input is left alone
+    assert recipe["trainer"]["logger"]["init_args"]["save_dir"] == "runs/lipreading/logs"  # the input is left alone
     assert resolve_config(trial) == trial
 
 

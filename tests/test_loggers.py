@@ -14,7 +14,7 @@ from xmodal.commands.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"cache", "stages", "tiny"} & set(p.parts))
-PENDING = {"bev", "image_teachers"}  # their logger/monitor change is applied by the lead with their other edits
+PENDING: set[str] = set()  # every recipe folder follows the convention
 
 
 def tiny_config(path: Path, shapes_dir: Path, steps: int, **trainer: Any) -> Path:

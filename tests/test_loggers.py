@@ -74,3 +74,12 @@ def test_recipes_log_the_learning_rate_apart_from_their_models(recipe: Path) -> 
     for log in logger_dirs(config):
         for model in export_dirs(config):
             assert not log.is_relative_to(model) and not model.is_relative_to(log), (log, model)
+
+
+def test_a_recipe_runs_without_a_logger(tmp_path: Path, shapes_dir: Path, monkeypatch) -> None:
+    """``--trainer.logger=false`` on a recipe with a ``LearningRateMonitor`` (which Lightning refuses without a
+    logger): the monitor is left out and the run goes on."""
+    monkeypatch.chdir(tmp_path)
+    monitor = {"class_path": "LearningRateMonitor", "init_args": {"logging_interval": "step"}}
+    config = tiny_config(tmp_path / "recipe.yaml", shapes_dir, steps=2, callbacks=[monitor])
+    main(["fit", "--config", str(config), "--trainer.logger=false"])

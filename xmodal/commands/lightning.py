@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from xmodal.callbacks import DEFAULT_DIAGNOSE_EVERY, GradientDiagnostics
 from xmodal.data.wds import WdsDataModule
@@ -72,6 +73,17 @@ def count_steps_in_progress_bar(trainer: Any) -> None:
             trainer.callbacks[i] = steps_bar[type(callback)]()
 
 
+def drop_lr_monitor_without_logger(trainer: Any) -> None:
+    """A recipe's ``LearningRateMonitor`` has nothing to write to under ``--trainer.logger=false`` (Lightning would
+    stop the run at its start): it is left out, with a note."""
+    if trainer.loggers:
+        return
+    kept = [callback for callback in trainer.callbacks if not isinstance(callback, LearningRateMonitor)]
+    if len(kept) < len(trainer.callbacks):
+        rank_zero_info("xmodal: no logger, so the recipe's LearningRateMonitor is left out")
+        trainer.callbacks = kept
+
+
 class XmodalCLI(LightningCLI):
     """LightningCLI with xmodal's defaults; ``seed_everything`` is on by default for reproducible runs.
 
@@ -94,6 +106,7 @@ class XmodalCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         count_steps_in_progress_bar(trainer)
+        drop_lr_monitor_without_logger(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         every = self._get(self.config_init, "diagnose")

@@ -172,3 +172,28 @@ def test_the_lip_reader_overfits_one_cmlr_batch(cmlr_workspace: Path) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses  # measured: 2.88 -> 1.14
+
+
+def test_eval_asr_scores_in_the_models_language() -> None:
+    """``evaluate_asr`` normalises in the lip reader's vocabulary language (Mandarin here), not English."""
+    from torch import nn
+
+    from xmodal.eval.loops import evaluate_asr, transcript_language
+    from xmodal.eval.metrics import error_rates
+    from xmodal.modalities.transcript import load_vocabulary
+
+    class FakeReader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vocab = load_vocabulary({"chars": list("今天气2"), "language": "zh"})
+
+        def transcribe(self, batch: dict, beam_size: int = 1) -> list[str]:
+            return ["今天"] * len(batch["transcript"])
+
+    references = ["今天2", "今天气"]
+    model = FakeReader()
+    assert transcript_language(model) == "zh" and transcript_language(nn.Linear(1, 1)) == "en"
+    scores = evaluate_asr(model, [{"transcript": references}], [], beam_size=1)
+    expected, english = error_rates(references, ["今天"] * 2, "zh"), error_rates(references, ["今天"] * 2, "en")
+    assert scores["greedy_cer"] == pytest.approx(expected["cer"])
+    assert expected["cer"] != pytest.approx(english["cer"])  # the language matters for this pair

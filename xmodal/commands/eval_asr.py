@@ -29,17 +29,18 @@ from torch import nn
 from xmodal.commands.eval_common import emit_results
 from xmodal.contracts import Batch
 from xmodal.data.eval_sets import list_batches, read_file_list, to_device
-from xmodal.eval.loops import evaluate_asr
+from xmodal.eval.loops import evaluate_asr, transcript_language
 from xmodal.render import alignment_maps, plot_alignments
 from xmodal.zoo.loading import load_distiller
 
 
-def asr_modalities(args: argparse.Namespace, with_audio: bool) -> list[Any]:
+def asr_modalities(args: argparse.Namespace, with_audio: bool, language: str = "en") -> list[Any]:
     from xmodal.modalities.audio import AudioModality
     from xmodal.modalities.transcript import TranscriptModality
     from xmodal.modalities.video import VideoModality
 
-    modalities: list[Any] = [VideoModality(args.num_frames, args.size, fps=args.fps), TranscriptModality()]
+    modalities: list[Any] = [VideoModality(args.num_frames, args.size, fps=args.fps),
+                             TranscriptModality(language=language)]
     return modalities + [AudioModality(16000, max_seconds=None)] if with_audio else modalities
 
 
@@ -82,7 +83,7 @@ def run_asr(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
 
     model, distiller = load_asr_model(parser, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    modalities = asr_modalities(args, with_audio=False)
+    modalities = asr_modalities(args, with_audio=False, language=transcript_language(model))
     try:
         batches = asr_batches(args, modalities)
         metrics = evaluate_asr(model, batches, modalities, device, args.beam_size)

@@ -233,12 +233,19 @@ def evaluate_base2novel(
 # ----------------------------------------------------------------------------------------------------- lip reading
 
 
+def transcript_language(model: nn.Module) -> str:
+    """The language a lip reader's transcripts are normalised in: its vocabulary's (``model.vocab.language``), else
+    English."""
+    return str(getattr(getattr(model, "vocab", None), "language", None) or "en")
+
+
 def evaluate_asr(
     model: nn.Module, batches: Iterable[Batch], modalities: Sequence[Any], device: str | torch.device = "cpu",
-    beam_size: int = 4, examples: int = 5,
+    beam_size: int = 4, examples: int = 5, language: str | None = None,
 ) -> dict[str, Any]:
     """Corpus CER/WER of a lip reader (``model.transcribe(batch, beam_size)``) over ``batches``, greedy and (with
-    ``beam_size > 1``) beam search, on :func:`~xmodal.modalities.transcript.normalize_transcript`-ed texts.
+    ``beam_size > 1``) beam search, on :func:`~xmodal.modalities.transcript.normalize_transcript`-ed texts, in
+    ``language`` (default: the model's vocabulary's, else English).
 
     Returns:
         ``{"utterances", "greedy_cer", "greedy_wer", ["beam_cer", "beam_wer"], "examples": [...]}`` (no rates
@@ -246,7 +253,8 @@ def evaluate_asr(
     """
     device = torch.device(device)
     widths = {"greedy": 1, **({"beam": beam_size} if beam_size > 1 else {})}
-    rates = {decoder: (metrics.TranscriptCER(), metrics.TranscriptWER()) for decoder in widths}
+    language = language or transcript_language(model)
+    rates = {decoder: (metrics.TranscriptCER(language), metrics.TranscriptWER(language)) for decoder in widths}
     shown: list[dict[str, str]] = []
     utterances = 0
     was_training = model.training

@@ -30,10 +30,12 @@ from xmodal.contracts import Batch, Outputs
 from xmodal.data.corpora.fashion_mnist import (
     LOW_LABEL_PERCENTS,
     SOURCE_DIR,
+    labelled_flags,
     load_source,
     low_label_ranks,
     source_splits,
 )
+from xmodal.data.decoders import UNLABELLED
 
 SPLIT_SEED = 0
 
@@ -106,9 +108,6 @@ def load_dataset(name: str = "digits", test_size: int | float | None = None, sub
     return Dataset(name, split(x_tr, y_tr), split(x_te, y_te), int(y.max()) + 1, size, source)
 
 
-UNLABELLED = -100
-
-
 def load_fashion_mnist(train_size: int | None = None, labelled_percent: int | None = None,
                        source_dir: str | Path = SOURCE_DIR, n_val: int = 5000) -> Dataset:
     """Fashion-MNIST as the corpus splits it (seed 0): the first ``train_size`` training images in the corpus's
@@ -128,9 +127,9 @@ def load_fashion_mnist(train_size: int | None = None, labelled_percent: int | No
     if labelled_percent is not None:
         if labelled_percent not in LOW_LABEL_PERCENTS:
             raise ValueError(f"labelled_percent must be one of {LOW_LABEL_PERCENTS}, got {labelled_percent}")
-        rank_needed = sorted(LOW_LABEL_PERCENTS, reverse=True).index(labelled_percent)
+        flag = f"labelled_{labelled_percent}pct"
         ranks = low_label_ranks(train_labels, 0)[: len(train_index)]
-        kept[ranks <= rank_needed] = UNLABELLED
+        kept[[not labelled_flags(int(rank))[flag] for rank in ranks]] = UNLABELLED
 
     def split(images: np.ndarray, found: np.ndarray) -> Split:
         return Split(torch.tensor(images, dtype=torch.float32).div(255).unsqueeze(1), torch.tensor(found))

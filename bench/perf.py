@@ -96,9 +96,8 @@ class Context:
             for section, values in extra.items():
                 config[section].update(values)
         trainer = config["trainer"]
-        # no logger here, so no LearningRateMonitor (it refuses a trainer without one)
-        callbacks = [c for c in trainer.get("callbacks", [])
-                     if not c["class_path"].endswith(("ExportStudent", "LearningRateMonitor"))]
+        # no logger here: XmodalCLI leaves the recipes' LearningRateMonitor out itself
+        callbacks = [c for c in trainer.get("callbacks", []) if not c["class_path"].endswith("ExportStudent")]
         config["trainer"] = {"accelerator": "auto", "devices": 1, "max_steps": trainer["max_steps"], "logger": False,
                              "enable_checkpointing": False, "enable_progress_bar": False, "callbacks": callbacks,
                              "gradient_clip_val": trainer.get("gradient_clip_val")}

@@ -14,9 +14,10 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repository
     sys.path.insert(0, str(ROOT))
 
 from bench.losses import BenchConfig, run_benchmark  # noqa: E402
-from bench.losses_data import UNLABELLED, PrecomputedTeacher, load_fashion_mnist  # noqa: E402
+from bench.losses_data import PrecomputedTeacher, load_fashion_mnist  # noqa: E402
 from tests.test_fashion_mnist import fabricate  # noqa: E402
 from xmodal.data.corpora import fashion_mnist  # noqa: E402
+from xmodal.data.decoders import UNLABELLED  # noqa: E402
 from xmodal.students.imagenet import ImageNetClassifier  # noqa: E402
 from xmodal.teachers.imagenet import ImageNetTeacher  # noqa: E402
 
